@@ -167,10 +167,20 @@ class LlmArgs(BaseModel):
 
 def normalize_keys(data: dict) -> dict:
     """Rename TensorRT-LLM aliases (top level and kv_cache_config) so sources merge on one name."""
-    out = {TRTLLM_ALIASES.get(k, k): v for k, v in data.items()}
+    out = _rename(data, TRTLLM_ALIASES, "")
     kv = out.get("kv_cache_config")
     if isinstance(kv, dict):
-        out["kv_cache_config"] = {KV_TRTLLM_ALIASES.get(k, k): v for k, v in kv.items()}
+        out["kv_cache_config"] = _rename(kv, KV_TRTLLM_ALIASES, "kv_cache_config.")
+    return out
+
+
+def _rename(data: dict, aliases: dict[str, str], where: str) -> dict:
+    out: dict = {}
+    for key, value in data.items():
+        name = aliases.get(key, key) if isinstance(key, str) else key
+        if name in out and out[name] != value:
+            raise ValueError(f"{where}{key} and {where}{name} are the same option with different values ({value!r} vs {out[name]!r})")
+        out[name] = value
     return out
 
 

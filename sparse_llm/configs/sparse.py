@@ -60,7 +60,7 @@ class SkipSoftmaxAttentionConfig(BaseSparseAttentionConfig):
     the checkpoint's own target_sparsity > dense.
     """
 
-    algorithm: Literal["skip_softmax"] = "skip_softmax"
+    algorithm: Literal["skip_softmax"] = Field("skip_softmax", description="Selects this algorithm.")
     threshold_scale_factor: PhaseValues | None = Field(
         None,
         description="λ·kv_len: a number for both phases or {prefill: x, decode: y}; >= 0; 0 means off. "
@@ -96,7 +96,7 @@ class SkipSoftmaxAttentionConfig(BaseSparseAttentionConfig):
 class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
     """RocketKV: SnapKV-style prompt compression at prefill, KT-cache top-k page selection at decode."""
 
-    algorithm: Literal["rocket"] = "rocket"
+    algorithm: Literal["rocket"] = Field("rocket", description="Selects this algorithm.")
     window_size: int = Field(32, gt=0, description="Last prompt queries whose attention scores rank the prefix tokens.")
     kernel_size: int = Field(63, gt=0, description="Max-pooling width over the scores (odd, 'same' padding).")
     topr: int | float = Field(
@@ -148,7 +148,7 @@ class DeepSeekSparseAttentionConfig(BaseSparseAttentionConfig):
     """DeepSeek Sparse Attention: a lightning indexer picks index_topk tokens per query. Model-native:
     the checkpoint must have indexer weights; fields left None come from its config.json."""
 
-    algorithm: Literal["dsa"] = "dsa"
+    algorithm: Literal["dsa"] = Field("dsa", description="Selects this algorithm.")
     index_n_heads: int | None = Field(None, gt=0, description="Indexer heads (None = from the checkpoint).")
     index_head_dim: int | None = Field(None, gt=0, description="Indexer head size (None = from the checkpoint).")
     index_topk: int | None = Field(None, gt=0, description="Tokens attended per query (None = from the checkpoint).")
@@ -180,7 +180,7 @@ class StreamingAttentionConfig(BaseSparseAttentionConfig):
 
     A baseline that forgets the middle of the context: long-context tasks must score lower with it."""
 
-    algorithm: Literal["streaming"] = "streaming"
+    algorithm: Literal["streaming"] = Field("streaming", description="Selects this algorithm.")
     sink_tokens: int = Field(4, ge=0, description="Leading tokens every query attends to.")
     local_window: int = Field(256, gt=0, description="Most recent keys (the query's own included) each query attends to.")
 
