@@ -1,0 +1,119 @@
+"""Per-tile "max gaps": what decides skip-softmax for every threshold at once.
+
+For a KV tile j of a query tile, let m_j be each row's running max before the tile and r_j its row max inside it.
+The tile is skipped iff max_rows(r_j − m_j) < ln λ, λ = factor / kv_len. Since ln λ < 0 whenever skipping is on,
+a skipped tile could never have raised the running max, so m_j is the same whether or not earlier tiles were
+skipped: the decision for *every* factor follows from one dense pass. We record the normalised gap
+g = max_rows(r_j − m_j) + ln(kv_len); a tile is skipped at factor f iff g < ln f. The first processed tile
+is never skipped (g = +inf).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sparse_llm.kernels.geometry import DECODE_BLOCK_N, PREFILL_BLOCK_M, PREFILL_BLOCK_N
+
+
+@dataclass(frozen=True, slots=True)
+class TileGeometry:
+    """The deployment kernel's tiling (sparse_llm/kernels/geometry.py), which calibration must mirror exactly."""
+
+    block_m: int = PREFILL_BLOCK_M  # query rows per prefill tile, per query head
+    block_n: int = PREFILL_BLOCK_N  # keys per prefill tile
+    decode_block_n: int = DECODE_BLOCK_N  # keys per decode tile
+
+
+NEVER_SKIPPED = math.inf
+
+
+def prefill_tile_gaps(
+    q: torch.Tensor,  # [Lq, H, D]: the last Lq query positions of a sequence of kv_len tokens
+    k: torch.Tensor,  # [kv_len, Hkv, D]
+    scale: float,
+    geometry: TileGeometry,
+    max_rows_per_chunk: int = 1024,
+) -> torch.Tensor:
+    """Normalised gaps of every processed (query tile, head, KV tile), flattened; first tiles are +inf.
+
+    Query tiles start at the chunk's first query (as the varlen kernel tiles them); KV tiles start at key 0
+    and are processed in order up to the causal end of the query tile.
+    """
+    lq, h, d = q.shape
+    kv_len, hkv, _ = k.shape
+    group = h // hkv
+    bm, bn = geometry.block_m, geometry.block_n
+    offset = kv_len - lq
+    n_kt = (kv_len + bn - 1) // bn
+    kf = k.float().permute(1, 0, 2)  # [Hkv, L, D]
+    out = []
+    rows_per_chunk = max(bm, (max_rows_per_chunk // bm) * bm)
+    for start in range(0, lq, rows_per_chunk):
+        stop = min(lq, start + rows_per_chunk)
+        qc = q[start:stop].float().permute(1, 0, 2).reshape(hkv, group, stop - start, d)
+        s = torch.einsum("kgqd,knd->kgqn", qc, kf) * scale  # [Hkv, G, rows, L]
+        qpos = torch.arange(start, stop, device=q.device) + offset
+        kpos = torch.arange(kv_len, device=q.device)
+        s = s.masked_fill(kpos[None, :] > qpos[:, None], -math.inf)
+        pad = n_kt * bn - kv_len
+        if pad:
+            s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
+        rowmax = s.reshape(hkv, group, stop - start, n_kt, bn).amax(-1)  # [Hkv, G, rows, T]
+        running = torch.cummax(rowmax, dim=-1).values
+        before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
+        with torch.no_grad():
+            gap_rows = rowmax - before  # -inf for masked rows; nan when both -inf
+            gap_rows = torch.nan_to_num(gap_rows, nan=-math.inf)
+        rows = stop - start
+        n_qt = (rows + bm - 1) // bm
+        rpad = n_qt * bm - rows
+        if rpad:  # padded rows of a partial query tile count as skippable
+            gap_rows = torch.nn.functional.pad(gap_rows, (0, 0, 0, rpad), value=-math.inf)
+        gap = gap_rows.reshape(hkv, group, n_qt, bm, n_kt).amax(3)  # [Hkv, G, Qt, T]
+        # Which KV tiles the kernel processes for each query tile: up to the causal end of its last row.
+        q_last = torch.clamp(torch.arange(n_qt, device=q.device) * bm + bm - 1, max=rows - 1) + start + offset
+        t_idx = torch.arange(n_kt, device=q.device)
+        processed = (t_idx[None, :] * bn) <= q_last[:, None]  # [Qt, T]
+        g = gap + math.log(kv_len)
+        g[..., 0] = NEVER_SKIPPED
+        out.append(g[:, :, processed].reshape(-1))
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def decode_tile_gaps(
+    q: torch.Tensor,  # [H, D]: one decode query
+    k: torch.Tensor,  # [kv_len, Hkv, D]
+    scale: float,
+    block_n: int,
+    split_tiles: int,
+) -> torch.Tensor:
+    """Normalised gaps of every (KV head, KV tile) of one decode step, flattened.
+
+    Rows are the GQA group's query heads (the decision is voted over the group); KV tiles are cut into
+    splits of `split_tiles` tiles, each with its own running max (flash-decoding), so each split's first
+    tile is never skipped.
+    """
+    h, d = q.shape
+    kv_len, hkv, _ = k.shape
+    group = h // hkv
+    n_kt = (kv_len + block_n - 1) // block_n
+    n_split = (n_kt + split_tiles - 1) // split_tiles
+    s = torch.einsum("kgd,nkd->kgn", q.float().reshape(hkv, group, d), k.float()) * scale  # [Hkv, G, L]
+    s = torch.nn.functional.pad(s, (0, n_split * split_tiles * block_n - kv_len), value=-math.inf)
+    rowmax = s.reshape(hkv, group, n_split, split_tiles, block_n).amax(-1)  # [Hkv, G, S, T]
+    running = torch.cummax(rowmax, dim=-1).values
+    before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
+    gap = torch.nan_to_num(rowmax - before, nan=-math.inf).amax(1)  # [Hkv, S, T]
+    g = gap + math.log(kv_len)
+    g[..., 0] = NEVER_SKIPPED
+    real = (torch.arange(n_split * split_tiles, device=q.device) * block_n < kv_len).reshape(n_split, split_tiles)
+    return g[:, real].reshape(-1)
+
+
+def sparsity_at(gaps: torch.Tensor, factor: float) -> float:
+    """Fraction of processed tiles skipped at this threshold_scale_factor (0 when off)."""
+    if gaps.numel() == 0 or factor <= 0:
+        return 0.0
+    return float((gaps < math.log(factor)).sum()) / gaps.numel()
