@@ -108,3 +108,26 @@ def test_too_few_points_says_what_to_widen():
     with pytest.raises(ValueError, match="no decode attention"):
         fit_phase(col, "decode")
     assert GapHistogram().sparsity(1.0) is None
+
+
+def test_gaps_agree_with_the_skip_softmax_reference_backend():
+    """Calibration and deployment must cut the same tiles: compare with the kernels' torch oracle."""
+    from sparse_llm.backends.skip_softmax_torch import skip_softmax_decode_reference, skip_softmax_prefill_reference
+
+    torch.manual_seed(3)
+    lq, L, h, hkv, d, bm, bn = 45, 77, 6, 2, 16, 16, 8
+    q, k, v = torch.randn(lq, h, d) * 2, torch.randn(L, hkv, d) * 2, torch.randn(L, hkv, d)
+    k[0] *= 4
+    gaps = prefill_tile_gaps(q, k, d**-0.5, TileGeometry(bm, bn, 8))
+    for factor in (1.0, 4.0, 20.0):
+        _, total, skipped = skip_softmax_prefill_reference(q.double(), k.double(), v.double(), d**-0.5,
+                                                           math.log(factor / L), bm, bn)
+        assert total == gaps.numel()
+        assert skipped == int((gaps < math.log(factor)).sum())
+    qd = torch.randn(1, h, d) * 3
+    split = 3
+    gd = decode_tile_gaps(qd[0], k, d**-0.5, bn, split)
+    _, counts = skip_softmax_decode_reference(qd.double(), k[None].double(), v[None].double(), torch.tensor([L]),
+                                              d**-0.5, torch.tensor([math.log(6.0 / L)]), split, bn)
+    assert int(counts[0, 0]) == gd.numel()
+    assert int(counts[0, 1]) == int((gd < math.log(6.0)).sum())

@@ -28,6 +28,9 @@ class LayerSpec:
     scale: float
     module_name: str
     v_head_dim: int | None = None  # None = head_dim (differs only for MLA)
+    # "mha" (q/k/v heads) or "mla" (absorbed MLA: one latent key per token, V its prefix). Backends are
+    # registered per type: an MLA layer gets the registry's "mla/<algorithm>" entry.
+    attention_type: str = "mha"
 
     @property
     def group_size(self) -> int:
@@ -132,6 +135,10 @@ class AttentionBackend(ABC):
     name: ClassVar[str]
     algorithms: ClassVar[frozenset[str]]
     devices: ClassVar[frozenset[str]]
+    # True when a decode-only forward can be captured in a CUDA graph: it reads lengths and tables only from
+    # the metadata's device tensors (never seq_lens_cpu/max_seqlen_k for shapes) and does no host sync.
+    # The runner captures decode graphs only when every layer's backend says so.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, layer: LayerSpec, params: LayerSparseParams | None):
         self.layer = layer

@@ -15,6 +15,23 @@ from sparse_llm.configs.params import LayerSparseParams
 # (backend name, algorithm) -> "module:Class". "dense" is the algorithm of a layer whose params are None.
 BACKENDS: dict[tuple[str, str], str] = {
     ("torch", "dense"): "sparse_llm.backends.torch_dense:TorchDenseBackend",
+    ("torch", "skip_softmax"): "sparse_llm.backends.skip_softmax_torch:TorchSkipSoftmaxBackend",
+    ("triton", "dense"): "sparse_llm.backends.triton_backend:TritonBackend",
+    ("triton", "skip_softmax"): "sparse_llm.backends.triton_backend:TritonBackend",
+    ("flashinfer", "dense"): "sparse_llm.backends.flashinfer_backend:FlashInferBackend",
+    ("torch", "streaming"): "sparse_llm.backends.streaming:StreamingBackend",
+    ("torch", "mla/dense"): "sparse_llm.backends.dsa_torch:MlaDenseTorchBackend",
+    ("torch", "mla/dsa"): "sparse_llm.backends.dsa_torch:DsaTorchBackend",
+    ("triton", "mla/dsa"): "sparse_llm.backends.dsa_triton:DsaTritonBackend",
+    ("triton", "mla/dense"): "sparse_llm.backends.dsa_triton:MlaDenseTritonBackend",
+    ("torch", "xattention"): "sparse_llm.backends.xattention:XAttentionTorchBackend",
+    ("triton", "xattention"): "sparse_llm.backends.xattention:XAttentionTritonBackend",
+    ("torch", "flexprefill"): "sparse_llm.backends.flexprefill:FlexPrefillTorchBackend",
+    ("triton", "flexprefill"): "sparse_llm.backends.flexprefill:FlexPrefillTritonBackend",
+    ("torch", "vertical_slash"): "sparse_llm.backends.vertical_slash:VerticalSlashTorchBackend",
+    ("triton", "vertical_slash"): "sparse_llm.backends.vertical_slash:VerticalSlashTritonBackend",
+    ("torch", "quest"): "sparse_llm.backends.quest:QuestTorchBackend",
+    ("triton", "quest"): "sparse_llm.backends.quest:QuestTritonBackend",
 }
 
 # What `attention_backend: auto` picks, per device and algorithm, in order of preference.
@@ -68,12 +85,18 @@ def backend_class(attention_backend: str, algorithm: str, device: str | torch.de
     return cls
 
 
+def registry_algorithm(spec: LayerSpec, params: LayerSparseParams | None) -> str:
+    """The algorithm key of BACKENDS for a layer: "dense" when params is None; MLA layers use "mla/<algorithm>"."""
+    algorithm = "dense" if params is None else params.algorithm
+    return algorithm if spec.attention_type == "mha" else f"{spec.attention_type}/{algorithm}"
+
+
 def create_backends(
     specs: list[LayerSpec], params: list[LayerSparseParams | None], attention_backend: str, device
 ) -> list[AttentionBackend]:
     """One backend per layer; dense layers (params None) may use a different class than sparse ones."""
     out = []
     for spec, p in zip(specs, params, strict=True):
-        cls = backend_class(attention_backend, "dense" if p is None else p.algorithm, device)
+        cls = backend_class(attention_backend, registry_algorithm(spec, p), device)
         out.append(cls(spec, p))
     return out

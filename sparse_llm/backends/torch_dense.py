@@ -64,7 +64,11 @@ def paged_attention_torch(q: torch.Tensor, cache_kv: torch.Tensor, meta: Attenti
         max_len = max(seq_lens[meta.num_prefills:])
         k, v = gather_kv_batch(cache_kv, meta.block_tables[meta.num_prefills:], max_len)
         qd = q[start:start + nd].unsqueeze(2)  # [Bd, H, 1, D]
-        mask = (torch.arange(max_len, device=q.device)[None, :] < lens[:, None].to(q.device))[:, None, None, :]
+        valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None].to(q.device)
+        # Slots past a sequence's end were never written (they may hold NaN, and 0 * NaN = NaN): zero them.
+        k = torch.where(valid[:, :, None, None], k, 0)
+        v = torch.where(valid[:, :, None, None], v, 0)
+        mask = valid[:, None, None, :]
         o = F.scaled_dot_product_attention(
             qd, k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=True
         )

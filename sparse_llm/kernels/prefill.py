@@ -1,0 +1,223 @@
+"""Varlen causal prefill over the paged KV cache, dense or with skip-softmax (BLASST), in Triton.
+
+Queries of many sequences are packed (cu_seqlens_q); each sequence's queries are the *last* q_len
+positions of its KV (chunked prefill and prefix-cache hits). K/V are read through the block table;
+GQA is native (query head h reads KV head h // group, nothing is repeated). fp16/bf16 (fp32 in tests)
+in, fp32 accumulation, online softmax in base 2 (scores pre-multiplied by scale * log2(e)).
+
+grid = (cdiv(max_seqlen_q, BLOCK_M), num_heads, num_seqs); the longest query tiles start first.
+Per program, KV tiles in ascending order: first those every row sees whole (no mask), then the
+diagonal ones (causal + end-of-sequence mask).
+
+Skip-softmax (IS_SKIP, a constexpr: the dense build contains none of it): after QK^T of a tile,
+    skip  <=>  max over valid rows r of (tile_rowmax_r - m_r)  <  log2(λ)
+and a skipped tile does no exp, no row-sum, no P·V and no V load; m is not updated. A processed
+tile issues its V load first and touches V only after the exps, so the load (which Triton cannot
+pipeline inside a branch) hides under them. The first tile has m = -inf so it is never skipped;
+log2(λ) = -inf disables skipping.
+Torch reference: backends/skip_softmax_torch.py (`skip_softmax_prefill_reference`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_llm.kernels.geometry import PREFILL_BLOCK_M, PREFILL_BLOCK_N, cdiv, check_head_dim
+from sparse_llm.kernels.tuning import autotune_configs
+
+LOG2_E = 1.0 / math.log(2.0)
+
+_CONFIGS = autotune_configs(
+    [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)],
+    triton.Config({}, num_warps=4, num_stages=1),
+)
+
+
+def _keep_configs(configs, named_args, **kwargs):
+    """128-row tiles need two warpgroups (4 warps spill the 128x128 fp32 accumulators)."""
+    warps = 8 if kwargs["BLOCK_M"] >= 128 else 4
+    return [c for c in configs if c.num_warps == warps] or configs
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, qk_scale, m_tile, v, v_ok, LATE_V: tl.constexpr):
+    """Online-softmax update with one processed tile; qk is raw q·k, m_tile / m_i are base-2 scaled.
+
+    LATE_V: v was loaded into registers just before this call; touching it only after the exps keeps
+    its register -> shared copy (which waits for the load) behind them, so the load latency hides.
+    """
+    m_new = tl.maximum(m_i, m_tile)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if LATE_V:
+        v = tl.where(v_ok, v, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _kv_tiles(
+    acc, l_i, m_i, n_skip, q, q_pos, row_valid, log2_lam,
+    k_base, bt_row, stride_cb, stride_ckv, stride_cp, kv_len, lo, hi, qk_scale,
+    offs_n, offs_d,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    IS_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """KV tiles [lo, hi) of one query tile. MASKED: apply causal + end-of-sequence masks."""
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_idx = start_n + offs_n
+        if MASKED:
+            kv_ok = kv_idx < kv_len
+            page = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_ok, other=0)
+        else:
+            page = tl.load(bt_row + kv_idx // PAGE_SIZE)
+        kv_off = page.to(tl.int64) * stride_cb + (kv_idx % PAGE_SIZE) * stride_cp
+        k_ptrs = k_base + kv_off[:, None] + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            qk = tl.where((kv_idx[None, :] <= q_pos[:, None]) & kv_ok[None, :], qk, float("-inf"))
+        m_tile = tl.max(qk, 1) * qk_scale
+        if IS_SKIP:
+            gap = tl.where(row_valid, m_tile - m_i, float("-inf"))
+            if tl.max(gap, 0) >= log2_lam:
+                if MASKED:  # V only for processed tiles; its latency hides under the exps (LATE_V)
+                    v = tl.load(k_ptrs + stride_ckv, mask=kv_ok[:, None], other=0.0)
+                else:
+                    v = tl.load(k_ptrs + stride_ckv)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, qk_scale, m_tile, v, start_n < kv_len, True)
+            else:
+                n_skip += 1
+        else:
+            if MASKED:
+                v = tl.load(k_ptrs + stride_ckv, mask=kv_ok[:, None], other=0.0)
+            else:
+                v = tl.load(k_ptrs + stride_ckv)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, qk_scale, m_tile, v, True, False)
+    return acc, l_i, m_i, n_skip
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["HEAD_DIM", "PAGE_SIZE", "BLOCK_M", "BLOCK_N", "IS_SKIP", "COLLECT_STATS", "tune_bucket"],
+    reset_to_zero=["STATS"],
+    prune_configs_by={"early_config_prune": _keep_configs},
+)
+@triton.jit
+def _prefill_kernel(
+    Q, CACHE, O, CU_Q, SEQ_LENS, BLOCK_TABLES, LOG2_LAMBDA, STATS,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_ckv, stride_cp, stride_ch, stride_bt,
+    qk_scale, group_size, tune_bucket,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_SKIP: tl.constexpr, COLLECT_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) query tiles first
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:
+        return
+    kv_len = tl.load(SEQ_LENS + seq)
+    ctx = kv_len - q_len  # cached prefix: query row i sits at position ctx + i
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < q_len
+    q_pos = ctx + offs_m
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q_ptrs = Q + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_valid[:, None], other=0.0)
+    k_base = CACHE + (head // group_size) * stride_ch
+    bt_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    if IS_SKIP:
+        log2_lam = tl.load(LOG2_LAMBDA + seq)
+    else:
+        log2_lam = float("-inf")
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    n_skip = tl.zeros([], tl.int32)
+    first_pos = ctx + pid_m * BLOCK_M
+    hi = ctx + tl.minimum(q_len, (pid_m + 1) * BLOCK_M)  # one past the last valid row's position
+    mid = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # tiles below `mid` are visible to every row
+    acc, l_i, m_i, n_skip = _kv_tiles(
+        acc, l_i, m_i, n_skip, q, q_pos, row_valid, log2_lam,
+        k_base, bt_row, stride_cb, stride_ckv, stride_cp, kv_len, 0, mid, qk_scale, offs_n, offs_d,
+        PAGE_SIZE, BLOCK_N, False, IS_SKIP, DOT_PRECISION,
+    )
+    acc, l_i, m_i, n_skip = _kv_tiles(
+        acc, l_i, m_i, n_skip, q, q_pos, row_valid, log2_lam,
+        k_base, bt_row, stride_cb, stride_ckv, stride_cp, kv_len, mid, hi, qk_scale, offs_n, offs_d,
+        PAGE_SIZE, BLOCK_N, True, IS_SKIP, DOT_PRECISION,
+    )
+    out = acc / l_i[:, None]
+    o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
+    if COLLECT_STATS:
+        tl.atomic_add(STATS + seq * 2, (hi + BLOCK_N - 1) // BLOCK_N)
+        tl.atomic_add(STATS + seq * 2 + 1, n_skip)
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    cache_kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    log_lambda: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    block_m: int = PREFILL_BLOCK_M,
+    block_n: int = PREFILL_BLOCK_N,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed queries q [T, H, D] over the paged cache; returns [T, H, D].
+
+    cu_seqlens_q [S+1], seq_lens [S] (KV length incl. these queries), block_tables [S, max_blocks]
+    describe the S sequences. log_lambda [S] (natural log λ, -inf = off) turns skip-softmax on;
+    stats [S, 2] int32, if given, receives += (visited, skipped) tiles summed over heads and tiles.
+    """
+    t, h, d = q.shape
+    check_head_dim(d)
+    num_seqs = seq_lens.shape[0]
+    hkv = cache_kv.shape[3]
+    if h % hkv:
+        raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={hkv}")
+    if cache_kv.shape[4] != d or cache_kv.stride(4) != 1 or q.stride(2) != 1:
+        raise ValueError(f"cache_kv {tuple(cache_kv.shape)} / q {tuple(q.shape)}: head_dim mismatch or not contiguous")
+    if cu_seqlens_q.shape[0] != num_seqs + 1 or block_tables.shape[0] < num_seqs:
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries and block_tables {block_tables.shape[0]} rows "
+            f"for {num_seqs} sequences"
+        )
+    if stats is not None and (stats.dtype != torch.int32 or stats.shape != (num_seqs, 2)):
+        raise ValueError(f"stats must be int32 [{num_seqs}, 2], got {stats.dtype} {tuple(stats.shape)}")
+    out = torch.empty_like(q) if out is None else out
+    if t == 0 or num_seqs == 0:
+        return out
+    is_skip = log_lambda is not None
+    log2_lam = (log_lambda.to(torch.float32) * LOG2_E).contiguous() if is_skip else seq_lens
+    stats_arg = stats if stats is not None else torch.zeros(2, dtype=torch.int32, device=q.device)
+    grid = (cdiv(max_seqlen_q, block_m), h, num_seqs)
+    _prefill_kernel[grid](
+        q, cache_kv, out, cu_seqlens_q, seq_lens, block_tables, log2_lam, stats_arg,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        cache_kv.stride(0), cache_kv.stride(1), cache_kv.stride(2), cache_kv.stride(3), block_tables.stride(0),
+        scale * LOG2_E, h // hkv, min(max_seqlen_q.bit_length(), 17),
+        HEAD_DIM=d, PAGE_SIZE=cache_kv.shape[2], BLOCK_M=block_m, BLOCK_N=block_n,
+        IS_SKIP=is_skip, COLLECT_STATS=stats is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
