@@ -155,9 +155,10 @@ def test_configuration_doc_names_every_field():
 
     from sparse_llm.configs.llm_args import KvCacheConfig
     from sparse_llm.configs.sparse import DeepSeekSparseAttentionConfig, StreamingAttentionConfig
+    from sparse_llm.configs.sparse_more import MORE_CONFIGS
 
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     for cls in (LlmArgs, KvCacheConfig, SkipSoftmaxAttentionConfig, RocketSparseAttentionConfig,
-                DeepSeekSparseAttentionConfig, StreamingAttentionConfig):
+                DeepSeekSparseAttentionConfig, StreamingAttentionConfig, *MORE_CONFIGS):
         for name in cls.model_fields:
             assert f"`{name}`" in doc, f"docs/configuration.md does not document {cls.__name__}.{name}"

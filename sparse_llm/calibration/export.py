@@ -40,3 +40,43 @@ def write_config(output_dir: str | Path, base_config: dict, block: dict) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**base_config, "sparse_attention_config": block}, indent=2, sort_keys=False))
     return path
+
+
+def export_checkpoint(model_path: str | None, output_dir: str | Path, block: dict, copy_weights: bool = False) -> Path:
+    """An HF-style directory carrying the calibrated block: config.json, weights (linked or copied), tokenizer.
+
+    HF directories keep their safetensors files (symlinked unless copy_weights); GGUF files are dequantised
+    once and written as model.safetensors with HF parameter names, so any HF-format reader can load them.
+    """
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from sparse_llm.models.loader import default_model_path, open_source
+
+    source = open_source(default_model_path() if model_path is None else model_path)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = Path(source.path)
+    if src.is_dir():
+        for f in src.iterdir():
+            if f.name == "config.json" or not f.is_file():
+                continue
+            target = out / f.name
+            if target.exists() or target.is_symlink():
+                target.unlink()
+            if f.suffix == ".safetensors" and not copy_weights:
+                os.symlink(f.resolve(), target)
+            else:
+                shutil.copy2(f, target)
+        base = json.loads((src / "config.json").read_text())
+    else:
+        tensors = {name: t.contiguous() for name, t in source.weights()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": src.name})
+        source.load_tokenizer().save_pretrained(str(out))
+        base = source.hf_config.to_dict()
+        if source.eos_token_ids:
+            (out / "generation_config.json").write_text(json.dumps({"eos_token_id": source.eos_token_ids}))
+    base.pop("sparse_attention_config", None)
+    return write_config(out, base, block)

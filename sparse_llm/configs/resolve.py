@@ -19,6 +19,7 @@ from sparse_llm.configs.checkpoint import (
     parse_checkpoint_meta,
 )
 from sparse_llm.configs.params import DsaParams, LayerSparseParams, RocketParams, SkipSoftmaxParams, StreamingParams
+from sparse_llm.configs.sparse_more import MORE_CONFIGS, dense_layer_indices, lower_more
 from sparse_llm.configs.sparse import (
     BaseSparseAttentionConfig,
     DeepSeekSparseAttentionConfig,
@@ -117,7 +118,9 @@ def _dsa_params(cfg: DeepSeekSparseAttentionConfig, hf_config: Any) -> DsaParams
     )
 
 
-def lower_config(cfg: BaseSparseAttentionConfig, hf_config: Any, meta: CheckpointSparseMeta | None, head_dim: int) -> LayerSparseParams:
+def lower_config(
+    cfg: BaseSparseAttentionConfig, hf_config: Any, meta: CheckpointSparseMeta | None, head_dim: int, num_heads: int
+) -> LayerSparseParams:
     """The params shared by every non-ignored layer."""
     group = meta.group(cfg.algorithm) if meta is not None else None
     if isinstance(cfg, SkipSoftmaxAttentionConfig):
@@ -128,6 +131,8 @@ def lower_config(cfg: BaseSparseAttentionConfig, hf_config: Any, meta: Checkpoin
         return _dsa_params(cfg, hf_config)
     if isinstance(cfg, StreamingAttentionConfig):
         return StreamingParams("streaming", sink_tokens=cfg.sink_tokens, local_window=cfg.local_window)
+    if isinstance(cfg, MORE_CONFIGS):
+        return lower_more(cfg, num_heads)
     raise ValueError(f"no lowering for sparse_attention_config.algorithm={cfg.algorithm!r}")
 
 
@@ -144,10 +149,11 @@ def resolve(
         return [None] * len(layer_specs)
     if not layer_specs:
         raise ValueError("the model has no attention layers to apply sparse_attention_config to")
-    params = lower_config(cfg, hf_config, meta, layer_specs[0].head_dim)
+    params = lower_config(cfg, hf_config, meta, layer_specs[0].head_dim, layer_specs[0].num_heads)
     if isinstance(params, SkipSoftmaxParams) and params.prefill_factor is None and params.decode_factor is None:
         return [None] * len(layer_specs)
     ignore = meta.ignore_patterns(cfg.algorithm) if meta is not None else ()
     if isinstance(cfg, DeepSeekSparseAttentionConfig):
         ignore = ()  # DSA is part of the architecture: every layer has its indexer
-    return [None if is_ignored(s.layer_idx, ignore) else params for s in layer_specs]
+    dense = dense_layer_indices(cfg, [s.layer_idx for s in layer_specs])  # e.g. Quest's first dense_layers
+    return [None if is_ignored(s.layer_idx, ignore) or s.layer_idx in dense else params for s in layer_specs]

@@ -1,0 +1,286 @@
+"""Engine speed against Hugging Face transformers on the same machine, measured in one run.
+
+CPU (fp32, SmolLM2-135M from the bundled GGUF):
+  - prefill of a 2K-token prompt: our time / HF `generate(max_new_tokens=1)` time (sdpa attention);
+  - decode tokens/s at batch 1 and 16 (ours and HF's).
+GPU (bf16; SmolLM2 (or a random model of its shape) and a random-weight model of Llama-3-8B's shape built
+from a config, no download):
+  - decode tokens/s at batch 64, ours vs HF `generate`;
+  - prefill tokens/s of an 8K-token prompt, ours vs HF.
+
+Decode rate = generated tokens after the first / time from the first token to the last (ours: from the
+request metrics; HF: generate(N) time minus generate(1) time). Prompts are random token ids (dense
+attention does not depend on the values). Writes JSON to benchmarks/results/.
+
+    python benchmarks/engine.py --device cpu [--quick]
+    python benchmarks/engine.py --device cuda [--quick] [--models smollm2,llama3-8b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sparse_llm.configs.llm_args import LlmArgs  # noqa: E402
+from sparse_llm.engine.llm_engine import LLMEngine  # noqa: E402
+from sparse_llm.engine.sampling_params import SamplingParams  # noqa: E402
+from sparse_llm.llm import LLM  # noqa: E402
+from sparse_llm.models.loader import LoadedModel, default_model_path, load_model  # noqa: E402
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+)
+
+# SmolLM2-135M's shape, for GPU speed runs where the GGUF file cannot be shipped (speed does not depend on the values)
+SMOLLM2_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab, (batch, length), generator=g).tolist()  # skip the low (special) ids
+
+
+class CountingTokenizer:
+    """Stand-in tokenizer for a random-weight model whose vocabulary has no real tokenizer."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, **_):
+        return "x" * len(ids)
+
+    def encode(self, text, **_):
+        raise ValueError("the random-weight benchmark model takes token ids only")
+
+
+# --- models -----------------------------------------------------------------------------------------
+def load_smollm2(device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    path = os.environ.get("SMOLLM2_GGUF") or default_model_path()
+    ours = load_model(path, dtype=dtype, device=device)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype, attn_implementation="sdpa"
+    ).to(device).eval()
+    return ours, hf
+
+
+def build_random_llama(device: torch.device, dtype: torch.dtype, shape: dict):
+    """HF LlamaForCausalLM with random weights, and ours holding the very same weights."""
+    import transformers
+
+    from sparse_llm.models.llama import LlamaForCausalLM
+    from sparse_llm.models.weights import load_weights
+
+    config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    load_weights(model, hf.state_dict().items(), source="random HF model")
+    model.to(device).eval()  # buffers built on the host (RoPE tables) move too
+    layers = model.attention_layers()
+    ours = LoadedModel(
+        model=model, hf_config=config, tokenizer=CountingTokenizer(), checkpoint_meta=None, attention_layers=layers,
+        layer_specs=[layer.spec for layer in layers], eos_token_ids=[], max_position_embeddings=config.max_position_embeddings,
+        source="random weights",
+    )
+    return ours, hf
+
+
+# --- measurements ----------------------------------------------------------------------------------
+def make_llm(loaded, max_model_len: int, kv_tokens: int, max_num_seqs: int, batched_tokens: int, eager: bool) -> LLM:
+    args = LlmArgs(
+        model=loaded.source, max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=batched_tokens,
+        enforce_eager=eager, kv_cache_config={"max_tokens": kv_tokens, "enable_prefix_caching": False},
+    )
+    return LLM.from_engine(LLMEngine(args, loaded))
+
+
+def ours_prefill_seconds(llm: LLM, prompt: list[int], repeats: int, device) -> float:
+    once = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate([prompt], once, use_tqdm=False)  # warm-up
+    return median_time(lambda: llm.generate([prompt], once, use_tqdm=False), repeats, device)
+
+
+def hf_prefill_seconds(hf, prompt: list[int], repeats: int, device) -> float:
+    ids = torch.tensor([prompt], device=device)
+
+    def run():
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+
+    run()
+    return median_time(run, repeats, device)
+
+
+def ours_decode_rate(llm: LLM, prompts: list[list[int]], gen: int) -> float:
+    p = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), use_tqdm=False)  # warm-up
+    outs = llm.generate(prompts, p, use_tqdm=False)
+    first = min(o.metrics.first_token_time for o in outs)
+    last = max(o.metrics.first_token_time + o.metrics.decode_time for o in outs)
+    return len(prompts) * (gen - 1) / (last - first)
+
+
+def hf_decode_rate(hf, prompts: list[list[int]], gen: int, device) -> float:
+    ids = torch.tensor(prompts, device=device)
+
+    def run(n):
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0)
+
+    run(2)  # warm-up
+    t1 = median_time(lambda: run(1), 1, device)
+    tn = median_time(lambda: run(gen), 1, device)
+    return len(prompts) * (gen - 1) / (tn - t1)
+
+
+def bench_cpu(quick: bool) -> dict:
+    device, dtype = torch.device("cpu"), torch.float32
+    prefill_len, repeats = (256, 1) if quick else (2048, 3)
+    gen, batches = (6, (1, 4)) if quick else (32, (1, 16))
+    ours, hf = load_smollm2(device, dtype)
+    vocab = int(ours.hf_config.vocab_size)
+    res: dict = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised)", "dtype": "float32"}
+
+    llm = make_llm(ours, prefill_len + 64, 4 * (prefill_len + 64), 16, prefill_len, eager=True)
+    prompt = random_prompts(1, prefill_len, vocab, 0)[0]
+    t_ours = ours_prefill_seconds(llm, prompt, repeats, device)
+    t_hf = hf_prefill_seconds(hf, prompt, repeats, device)
+    res["prefill"] = {"tokens": prefill_len, "ours_s": t_ours, "hf_sdpa_s": t_hf, "ours_over_hf": t_ours / t_hf}
+    print(f"prefill {prefill_len}: ours {t_ours * 1e3:.0f} ms, HF sdpa {t_hf * 1e3:.0f} ms, ratio {t_ours / t_hf:.2f}")
+
+    res["decode"] = {}
+    for b in batches:
+        prompts = random_prompts(b, 32, vocab, b)
+        r_ours = ours_decode_rate(llm, prompts, gen)
+        r_hf = hf_decode_rate(hf, prompts, gen, device)
+        res["decode"][f"batch_{b}"] = {"ours_tok_s": r_ours, "hf_tok_s": r_hf, "prompt": 32, "generated": gen}
+        print(f"decode batch {b}: ours {r_ours:.1f} tok/s, HF {r_hf:.1f} tok/s")
+    llm.close()
+    return res
+
+
+def bench_gpu_model(name: str, ours, hf, quick: bool, eager: bool) -> dict:
+    device = next(ours.model.parameters()).device
+    vocab = int(ours.hf_config.vocab_size)
+    batch, prompt_len, gen = (8, 64, 16) if quick else (64, 128, 128)
+    prefill_len = min(1024 if quick else 8192, ours.max_position_embeddings - 16)  # SmolLM2 stops at 8192
+    res: dict = {"model": name, "dtype": "bfloat16"}
+
+    decode_len = prompt_len + gen + 16
+    llm = make_llm(ours, decode_len, batch * decode_len, batch, max(8192, batch * prompt_len), eager)
+    graphs = llm.engine.runner.graphs is not None
+    prompts = random_prompts(batch, prompt_len, vocab, 1)
+    r_ours = ours_decode_rate(llm, prompts, gen)
+    llm.close()
+    llm = make_llm(ours, prefill_len + 16, 2 * (prefill_len + 16), 1, prefill_len, eager=True)  # prefill needs no graphs
+    prompt = random_prompts(1, prefill_len, vocab, 2)[0]
+    t_ours = ours_prefill_seconds(llm, prompt, 3, device)
+    llm.close()
+    torch.cuda.empty_cache()
+    r_hf = hf_decode_rate(hf, prompts, gen, device)
+    t_hf = hf_prefill_seconds(hf, prompt, 3, device)
+    res["decode"] = {"batch": batch, "prompt": prompt_len, "generated": gen, "ours_tok_s": r_ours, "hf_tok_s": r_hf,
+                     "speedup": r_ours / r_hf, "cuda_graphs": graphs}
+    res["prefill"] = {"tokens": prefill_len, "ours_tok_s": prefill_len / t_ours, "hf_tok_s": prefill_len / t_hf,
+                      "ours_s": t_ours, "hf_s": t_hf}
+    print(f"{name}: decode batch {batch}: ours {r_ours:.0f} tok/s, HF {r_hf:.0f} tok/s ({r_ours / r_hf:.1f}x; graphs={graphs}); "
+          f"prefill {prefill_len}: ours {prefill_len / t_ours:.0f} tok/s, HF {prefill_len / t_hf:.0f} tok/s")
+    return res
+
+
+def bench_gpu(quick: bool, models: list[str], eager: bool) -> dict:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    out = {"gpu": torch.cuda.get_device_name(device)}
+    for name in models:
+        if name == "smollm2":
+            ours, hf = load_smollm2(device, dtype)
+        elif name == "smollm2-random":
+            ours, hf = build_random_llama(device, dtype, SMOLLM2_SHAPE)
+        elif name == "llama3-8b":
+            shape = dict(LLAMA3_8B, num_hidden_layers=4) if quick else LLAMA3_8B
+            ours, hf = build_random_llama(device, dtype, shape)
+        else:
+            raise ValueError(f"--models: unknown model {name!r}; choose from smollm2, smollm2-random, llama3-8b")
+        out[name] = bench_gpu_model(name, ours, hf, quick, eager)
+        del ours, hf
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="Small sizes: a smoke run that finishes in about a minute on CPU.")
+    ap.add_argument("--models", default="smollm2,llama3-8b", help="GPU: comma-separated models (smollm2, smollm2-random, llama3-8b).")
+    ap.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs.")
+    ap.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/engine_<device>[_quick].json).")
+    ns = ap.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
+    import transformers
+
+    report = {
+        "command": " ".join(sys.argv),
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "quick": ns.quick,
+    }
+    if device == "cpu":
+        report["results"] = bench_cpu(ns.quick)
+    else:
+        import triton
+
+        report["triton"] = triton.__version__
+        report["results"] = bench_gpu(ns.quick, ns.models.split(","), ns.enforce_eager)
+    path = Path(ns.output) if ns.output else ROOT / "benchmarks" / "results" / f"engine_{device}{'_quick' if ns.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""User configs and frozen per-layer params for the block-sparse family: XAttention, FlexPrefill,
+MInference vertical-slash (sparse prefill; decode stays dense) and Quest (sparse decode; prefill dense).
+
+The config classes join the `sparse_attention_config` union (configs/sparse.py); `lower_more` turns
+one into the params every non-dense layer shares, and `dense_layer_indices` names the layers that stay
+dense whatever the checkpoint says (Quest's first `dense_layers`). Backends see only the params.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sparse_llm.configs.params import LayerSparseParams
+from sparse_llm.configs.sparse_base import BaseSparseAttentionConfig
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- frozen params (what backends see)
+@dataclass(frozen=True, slots=True)
+class XAttentionParams(LayerSparseParams):
+    """XAttention prefill: antidiagonal block scores, blocks kept up to `threshold` of the mass."""
+
+    threshold: tuple[float, ...] = (0.9,)  # one value, or one per query head (local to this rank)
+    stride: int = 8
+    block_size: int = 128
+    seq_len_threshold: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlexPrefillParams(LayerSparseParams):
+    """FlexPrefill prefill: query-aware or vertical-slash blocks covering gamma of the attention."""
+
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+    max_budget: int | None = None
+    block_size: int = 128
+    seq_len_threshold: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerticalSlashParams(LayerSparseParams):
+    """MInference vertical-slash prefill."""
+
+    vertical_size: int = 1000
+    slash_size: int = 6096
+    last_q: int = 64
+    sink_tokens: int = 30
+    local_diagonals: int = 100
+    block_size: int = 64
+    seq_len_threshold: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuestParams(LayerSparseParams):
+    """Quest decode: per-page key min/max, top token_budget // page_size pages per query head."""
+
+    token_budget: int = 2048
+    page_size: int = 16
+
+
+# ---------------------------------------------------------------- user configs
+_BLOCK = Field(128, description="Query/key block size of the sparse kernel, in tokens: 64 or 128.")
+_SEQ_THRESHOLD = Field(
+    None, gt=0, description="Prefill chunks whose KV length is shorter than this run dense (None = always sparse)."
+)
+
+
+class XAttentionConfig(BaseSparseAttentionConfig):
+    """XAttention (Xu et al. 2025): score each (query block, key block) by the sum of its antidiagonals
+    (one every `stride` positions) and keep, per query block, the fewest blocks whose estimated
+    attention mass reaches `threshold`; the sink block and the diagonal block are always kept.
+    Sparse at prefill only; decode is dense."""
+
+    algorithm: Literal["xattention"] = Field("xattention", description="Selects this algorithm.")
+    threshold: float | list[float] = Field(
+        0.9,
+        description="Fraction of the estimated attention mass each query block keeps, in (0, 1]: one value, "
+        "or a list with one value per query head.",
+    )
+    stride: int = Field(8, description="Antidiagonal stride (8 or 16 in the paper); must divide block_size.")
+    block_size: Literal[64, 128] = _BLOCK
+    seq_len_threshold: int | None = _SEQ_THRESHOLD
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | list[float]) -> float | list[float]:
+        vals = v if isinstance(v, list) else [v]
+        if not vals:
+            raise ValueError("threshold list is empty; give a number or one value per query head")
+        bad = [x for x in vals if not 0.0 < x <= 1.0]
+        if bad:
+            raise ValueError(f"threshold values must be in (0, 1], got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _stride(self) -> "XAttentionConfig":
+        if self.stride < 2 or self.block_size % self.stride:
+            raise ValueError(f"stride={self.stride} must be >= 2 and divide block_size={self.block_size} (e.g. 8 or 16)")
+        return self
+
+
+class FlexPrefillConfig(BaseSparseAttentionConfig):
+    """FlexPrefill (Lai et al., ICLR 2025): per head and prompt, a query-aware block pattern or a
+    vertical-slash pattern, each sized to cover `gamma` of the attention of the last query block;
+    sqrt(JS divergence) < tau between the pooled estimate and the true last-block attention picks the
+    query-aware one. Sparse at prefill only; decode is dense."""
+
+    algorithm: Literal["flexprefill"] = Field("flexprefill", description="Selects this algorithm.")
+    gamma: float = Field(0.9, gt=0.0, le=1.0, description="Attention coverage each pattern must reach, in (0, 1].")
+    tau: float = Field(
+        0.1, ge=0.0,
+        description="sqrt(JS divergence) threshold below which a head uses the query-aware pattern; 0 disables it.",
+    )
+    min_budget: int = Field(1024, gt=0, description="Minimum tokens (rounded up to blocks) per vertical/slash pattern.")
+    max_budget: int | None = Field(None, gt=0, description="Maximum tokens per vertical/slash pattern (None = no cap).")
+    block_size: Literal[64, 128] = _BLOCK
+    seq_len_threshold: int | None = _SEQ_THRESHOLD
+
+    @model_validator(mode="after")
+    def _budgets(self) -> "FlexPrefillConfig":
+        if self.max_budget is not None and self.max_budget < self.min_budget:
+            raise ValueError(f"max_budget ({self.max_budget}) must be >= min_budget ({self.min_budget})")
+        if self.tau == 0.0:
+            logger.warning("flexprefill: tau=0 disables the query-aware pattern (every head uses vertical-slash)")
+        return self
+
+
+class VerticalSlashConfig(BaseSparseAttentionConfig):
+    """MInference vertical-slash (Jiang et al., NeurIPS 2024): from the last `last_q` queries, keep the
+    top `vertical_size` key columns and the top `slash_size` diagonals; the first `sink_tokens` columns
+    and the `local_diagonals` nearest diagonals are always kept. Sparse at prefill only."""
+
+    algorithm: Literal["vertical_slash"] = Field("vertical_slash", description="Selects this algorithm.")
+    vertical_size: int = Field(1000, gt=0, description="Key columns (vertical lines) every query block attends.")
+    slash_size: int = Field(6096, gt=0, description="Diagonals (slash lines, by distance) every query attends.")
+    last_q: int = Field(64, gt=0, description="Last queries of the prompt whose attention estimates the pattern.")
+    sink_tokens: int = Field(30, ge=0, description="Leading key columns always kept (attention sinks).")
+    local_diagonals: int = Field(100, ge=0, description="Nearest diagonals always kept (local window).")
+    block_size: Literal[64, 128] = Field(64, description="Query/key block size of the sparse kernel: 64 or 128.")
+    seq_len_threshold: int | None = _SEQ_THRESHOLD
+
+    @model_validator(mode="after")
+    def _forced_fit(self) -> "VerticalSlashConfig":
+        if self.sink_tokens > self.vertical_size:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be <= vertical_size ({self.vertical_size})")
+        if self.local_diagonals > self.slash_size:
+            raise ValueError(f"local_diagonals ({self.local_diagonals}) must be <= slash_size ({self.slash_size})")
+        return self
+
+
+class QuestConfig(BaseSparseAttentionConfig):
+    """Quest (Tang et al., ICML 2024): at each decode step, each query head attends the token_budget /
+    page_size pages with the highest upper bound sum_d max(q_d min_d, q_d max_d) (per-page key min/max),
+    plus the current page. Prefill and the first `dense_layers` layers are dense."""
+
+    algorithm: Literal["quest"] = Field("quest", description="Selects this algorithm.")
+    token_budget: int = Field(2048, gt=0, description="Keys attended per query head per decode step (a multiple of page_size).")
+    page_size: int = Field(16, gt=0, description="Tokens per Quest page (a power of two dividing the KV block size).")
+    dense_layers: int = Field(2, ge=0, description="The first this-many layers stay dense (Quest's default: 2).")
+
+    @model_validator(mode="after")
+    def _pages(self) -> "QuestConfig":
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.token_budget % self.page_size:
+            raise ValueError(f"token_budget ({self.token_budget}) must be a multiple of page_size ({self.page_size})")
+        return self
+
+
+MORE_CONFIGS = (XAttentionConfig, FlexPrefillConfig, VerticalSlashConfig, QuestConfig)
+
+
+# ---------------------------------------------------------------- lowering
+def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparseParams:
+    """The params every sparse layer shares. num_heads: query heads of one layer (per-head thresholds
+    must list exactly that many)."""
+    if isinstance(cfg, XAttentionConfig):
+        thr = tuple(cfg.threshold) if isinstance(cfg.threshold, list) else (cfg.threshold,)
+        if len(thr) not in (1, num_heads):
+            raise ValueError(
+                f"xattention threshold has {len(thr)} values; give one number or one per query head ({num_heads})"
+            )
+        return XAttentionParams("xattention", threshold=thr, stride=cfg.stride, block_size=cfg.block_size,
+                                seq_len_threshold=cfg.seq_len_threshold)
+    if isinstance(cfg, FlexPrefillConfig):
+        return FlexPrefillParams("flexprefill", gamma=cfg.gamma, tau=cfg.tau, min_budget=cfg.min_budget,
+                                 max_budget=cfg.max_budget, block_size=cfg.block_size,
+                                 seq_len_threshold=cfg.seq_len_threshold)
+    if isinstance(cfg, VerticalSlashConfig):
+        return VerticalSlashParams("vertical_slash", vertical_size=cfg.vertical_size, slash_size=cfg.slash_size,
+                                   last_q=cfg.last_q, sink_tokens=cfg.sink_tokens,
+                                   local_diagonals=cfg.local_diagonals, block_size=cfg.block_size,
+                                   seq_len_threshold=cfg.seq_len_threshold)
+    if isinstance(cfg, QuestConfig):
+        return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size)
+    raise ValueError(f"lower_more cannot lower algorithm={cfg.algorithm!r}")
+
+
+def dense_layer_indices(cfg: BaseSparseAttentionConfig, layer_indices: list[int]) -> set[int]:
+    """Layers that stay dense by the algorithm's own rule (Quest: the first dense_layers layers)."""
+    if isinstance(cfg, QuestConfig):
+        return set(sorted(layer_indices)[: cfg.dense_layers])
+    return set()
