@@ -46,27 +46,27 @@ def prefill_tile_gaps(
     group = h // hkv
     bm, bn = geometry.block_m, geometry.block_n
     offset = kv_len - lq
-    n_kt = (kv_len + bn - 1) // bn
     kf = k.float().permute(1, 0, 2)  # [Hkv, L, D]
     out = []
     rows_per_chunk = max(bm, (max_rows_per_chunk // bm) * bm)
     for start in range(0, lq, rows_per_chunk):
         stop = min(lq, start + rows_per_chunk)
-        qc = q[start:stop].float().permute(1, 0, 2).reshape(hkv, group, stop - start, d)
-        s = torch.einsum("kgqd,knd->kgqn", qc, kf) * scale  # [Hkv, G, rows, L]
+        rows = stop - start
+        # Keys past the chunk's last query are never visited: the causal half is not computed at all.
+        n_kt = (stop + offset + bn - 1) // bn
+        keys = min(kv_len, n_kt * bn)
+        qc = q[start:stop].float().permute(1, 0, 2).reshape(hkv, group, rows, d)
+        s = torch.einsum("kgqd,knd->kgqn", qc, kf[:, :keys]) * scale  # [Hkv, G, rows, keys]
         qpos = torch.arange(start, stop, device=q.device) + offset
-        kpos = torch.arange(kv_len, device=q.device)
-        s = s.masked_fill(kpos[None, :] > qpos[:, None], -math.inf)
-        pad = n_kt * bn - kv_len
-        if pad:
-            s = torch.nn.functional.pad(s, (0, pad), value=-math.inf)
-        rowmax = s.reshape(hkv, group, stop - start, n_kt, bn).amax(-1)  # [Hkv, G, rows, T]
+        kpos = torch.arange(keys, device=q.device)
+        s.masked_fill_(kpos[None, :] > qpos[:, None], -math.inf)
+        if n_kt * bn > keys:
+            s = torch.nn.functional.pad(s, (0, n_kt * bn - keys), value=-math.inf)
+        rowmax = s.reshape(hkv, group, rows, n_kt, bn).amax(-1)  # [Hkv, G, rows, T]
+        del s
         running = torch.cummax(rowmax, dim=-1).values
         before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
-        with torch.no_grad():
-            gap_rows = rowmax - before  # -inf for masked rows; nan when both -inf
-            gap_rows = torch.nan_to_num(gap_rows, nan=-math.inf)
-        rows = stop - start
+        gap_rows = torch.nan_to_num(rowmax - before, nan=-math.inf)  # -inf for masked rows; nan when both -inf
         n_qt = (rows + bm - 1) // bm
         rpad = n_qt * bm - rows
         if rpad:  # padded rows of a partial query tile count as skippable
@@ -74,8 +74,7 @@ def prefill_tile_gaps(
         gap = gap_rows.reshape(hkv, group, n_qt, bm, n_kt).amax(3)  # [Hkv, G, Qt, T]
         # Which KV tiles the kernel processes for each query tile: up to the causal end of its last row.
         q_last = torch.clamp(torch.arange(n_qt, device=q.device) * bm + bm - 1, max=rows - 1) + start + offset
-        t_idx = torch.arange(n_kt, device=q.device)
-        processed = (t_idx[None, :] * bn) <= q_last[:, None]  # [Qt, T]
+        processed = (torch.arange(n_kt, device=q.device)[None, :] * bn) <= q_last[:, None]  # [Qt, T]
         g = gap + math.log(kv_len)
         g[..., 0] = NEVER_SKIPPED
         out.append(g[:, :, processed].reshape(-1))
