@@ -43,6 +43,7 @@ def test_health_version_models(live_server):
         assert all(m["max_model_len"] == live_server.max_model_len for m in models["data"])
         assert c.get("/v1/models/smollm2-alias").json()["id"] == "smollm2-alias"
         assert_error(c.get("/v1/models/nope"), 404, "model", "model_not_found")
+        assert c.get("/openapi.json").json()["paths"].keys() >= {"/v1/completions", "/v1/chat/completions"}
 
 
 def test_completion_greedy_matches_offline_engine_and_reports_usage(live_server):

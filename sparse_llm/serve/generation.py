@@ -20,6 +20,8 @@ _DONE = object()
 
 
 class GenerationRun:
+    """One HTTP request's engine requests (one per prompt); iterate for (prompt_index, cumulative output)."""
+
     def __init__(self, engine: AsyncLLMEngine, metrics: ServerMetrics, request_id: str, prompts: list[list[int]],
                  params: list[SamplingParams], override: dict | None):
         self.engine, self.metrics, self.request_id = engine, metrics, request_id
@@ -27,6 +29,7 @@ class GenerationRun:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._first: tuple[int, RequestOutput] | None = None
+        self._started = False
         self._finished: set[int] = set()
         self.final: dict[int, RequestOutput] = {}  # the last output of each prompt seen so far
         self._closed = False
@@ -48,6 +51,7 @@ class GenerationRun:
 
     async def start(self) -> None:
         """Submit every prompt and wait for the first output, so that bad requests fail before a 200 is sent."""
+        self._started = True
         self._tasks = [asyncio.create_task(self._pump(i)) for i in range(len(self.prompts))]
         self._first = await self._next()
 
@@ -70,7 +74,7 @@ class GenerationRun:
         return None
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        if self._first is None:
+        if not self._started:
             await self.start()
         item, self._first = self._first, None
         while item is not None:
