@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(ns.log_level).upper(), logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(ns._main(ns) or 0)
-    except ValueError as e:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"sparse-llm {ns.command}: error: {e}", file=sys.stderr)
         return 2
 
