@@ -9,7 +9,7 @@ from a config, no download):
   - prefill tokens/s of an 8K-token prompt, ours vs HF.
 
 Decode rate = generated tokens after the first / time from the first token to the last (ours: from the
-request metrics; HF: generate(N) time minus generate(1) time). Prompts are random token ids (dense
+request metrics; HF: a logits processor that records when each step's logits are ready). Prompts are random token ids (dense
 attention does not depend on the values). Writes JSON to benchmarks/results/.
 
     python benchmarks/engine.py --device cpu [--quick]
@@ -161,18 +161,34 @@ def ours_decode_rate(llm: LLM, prompts: list[list[int]], gen: int) -> float:
     return len(prompts) * (gen - 1) / (last - first)
 
 
+class StepClock:
+    """A logits processor that only records when each generation step's logits are ready."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def hf_decode_rate(hf, prompts: list[list[int]], gen: int, device) -> float:
+    """Tokens after the first / time from the first step's logits to the last one's (as ours: first to last token)."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor(prompts, device=device)
 
-    def run(n):
+    def run(n: int) -> StepClock:
+        clock = StepClock(device)
         with torch.inference_mode():
             hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=0)
+                        pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+        return clock
 
     run(2)  # warm-up
-    t1 = median_time(lambda: run(1), 1, device)
-    tn = median_time(lambda: run(gen), 1, device)
-    return len(prompts) * (gen - 1) / (tn - t1)
+    clock = run(gen)
+    return len(prompts) * (gen - 1) / (clock.times[-1] - clock.times[0])
 
 
 def bench_cpu(quick: bool) -> dict:

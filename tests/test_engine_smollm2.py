@@ -189,3 +189,22 @@ def test_bad_input_is_refused_clearly(make_llm, smollm2, smollm2_prompt_ids):
         make_llm(max_model_len=9000)
     # a failed build leaves the model's layers as they were
     assert all(layer.backend is b and layer.cache is c for layer, (b, c) in zip(smollm2.attention_layers, before))
+
+
+def test_per_request_override_retunes_only_its_request_and_phase(make_llm, smollm2_prompt_ids):
+    llm = make_llm(sparse_attention_config={"algorithm": "skip_softmax", "threshold_scale_factor": 1.0})
+    prompt = smollm2_prompt_ids[:192]
+    p = SamplingParams(max_tokens=2, temperature=0.0)  # a prefill and one decode step
+
+    def sparsity(override):
+        return llm.generate([prompt], p, use_tqdm=False, sparse_override=override)[0].metrics.sparsity
+
+    base = sparsity(None)
+    both = sparsity({"threshold_scale_factor": 30.0})
+    prefill_only = sparsity({"threshold_scale_factor": {"prefill": 30.0}})
+    assert both["prefill"] > base["prefill"] and both["decode"] > base["decode"]  # larger factor: more skipped
+    assert prefill_only["prefill"] == pytest.approx(both["prefill"])
+    assert prefill_only["decode"] == pytest.approx(base["decode"])  # the phase it does not name keeps the layer value
+    with pytest.raises(ValueError, match="unknown field"):
+        sparsity({"window": 3})
+    assert not llm.engine.has_unfinished_requests()

@@ -277,7 +277,8 @@ def test_smollm2_loaded_model_facts(smollm2, smollm2_path):
         assert (spec.layer_idx, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (i, 9, 3, 64)
         assert spec.scale == 64**-0.5 and spec.module_name == f"model.layers.{i}.self_attn"
     assert smollm2.eos_token_ids == [2] and smollm2.max_position_embeddings == 8192
-    assert smollm2.checkpoint_meta is None
+    # the bundled GGUF carries its shipped calibration (sparse_llm/data/calibration), matched by SHA-256
+    assert smollm2.checkpoint_meta["config_groups"]["group_0"]["algorithm"] == "skip_softmax"
     assert {p.dtype for p in smollm2.model.parameters()} == {torch.float32}
     prompt = smollm2.tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True

@@ -38,7 +38,7 @@ def test_override_applies_to_its_request_only(live_server):
     ({"threshold_scale_factor": -3}, ">= 0"),
     ({"threshold_scale_factor": {"prefil": 1}}, "unknown phase"),
     ({"window_size": 3}, "unknown field"),
-    ({"target_sparsity": 0.5}, "calibrated formula"),  # the GGUF carries no calibration
+    ({"target_sparsity": 1.5}, "must be in [0, 1]"),
 ])
 def test_invalid_override_is_400(live_server, override, fragment):
     with live_server.client() as c:

@@ -110,6 +110,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int] | None = None
     query_lens_cpu: list[int] | None = None
     seq_ids: list[int] | None = None  # engine sequence ids, for backends with per-sequence state
+    # Prompt compression (RocketKV): per sequence, the KV length its cache is compacted to at the end of this
+    # step (0 = not compacted). None when the engine runs no compacting algorithm. See engine/compaction.py.
+    compact_to: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -32,6 +32,7 @@ BACKENDS: dict[tuple[str, str], str] = {
     ("triton", "vertical_slash"): "sparse_llm.backends.vertical_slash:VerticalSlashTritonBackend",
     ("torch", "quest"): "sparse_llm.backends.quest:QuestTorchBackend",
     ("triton", "quest"): "sparse_llm.backends.quest:QuestTritonBackend",
+    ("torch", "rocket"): "sparse_llm.backends.rocket:TorchRocketBackend",
 }
 
 # What `attention_backend: auto` picks, per device and algorithm, in order of preference.

@@ -157,3 +157,20 @@ def resolve(
         ignore = ()  # DSA is part of the architecture: every layer has its indexer
     dense = dense_layer_indices(cfg, [s.layer_idx for s in layer_specs])  # e.g. Quest's first dense_layers
     return [None if is_ignored(s.layer_idx, ignore) or s.layer_idx in dense else params for s in layer_specs]
+
+
+def warn_ineffective_factors(params: list[LayerSparseParams | None], max_model_len: int) -> None:
+    """λ = factor / kv_len >= 1 means off: a factor >= max_model_len can never skip anything, say so."""
+    seen = set()
+    for p in params:
+        if not isinstance(p, SkipSoftmaxParams):
+            continue
+        for phase in PHASES:
+            f = p.factor(phase)
+            if f is not None and f >= max_model_len and phase not in seen:
+                seen.add(phase)
+                logger.warning(
+                    "skip_softmax: the %s threshold_scale_factor %.4g is >= max_model_len=%d, so λ = factor / kv_len >= 1 "
+                    "for every sequence and the %s phase never skips (the target is beyond what this model's "
+                    "calibration reaches at these lengths)", phase, f, max_model_len, phase,
+                )

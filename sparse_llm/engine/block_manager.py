@@ -142,6 +142,25 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_evicted_tokens = 0
+
+    def free_tail(self, seq: Sequence, num_kv_tokens: int) -> int:
+        """Release seq's blocks past the first num_kv_tokens cache slots (after compaction); returns how many.
+
+        Only without prefix caching: a compacted block no longer holds the tokens its hash names.
+        """
+        if self.enable_prefix_caching:
+            raise RuntimeError("free_tail needs prefix caching off: compacted blocks cannot be shared")
+        keep = self.blocks_for(num_kv_tokens)
+        tail = seq.block_table[keep:]
+        for bid in reversed(tail):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[bid] = None
+                self._free.move_to_end(bid, last=False)
+        del seq.block_table[keep:]
+        return len(tail)
 
     # --- registration ---------------------------------------------------------------------------------
     def register_full_blocks(self, seq: Sequence) -> None:

@@ -11,6 +11,7 @@ import torch
 from sparse_llm.configs.llm_args import LlmArgs
 from sparse_llm.configs.overrides import resolve_request_override
 from sparse_llm.engine.block_manager import BlockManager
+from sparse_llm.engine.compaction import apply_compaction
 from sparse_llm.engine.detokenizer import IncrementalDetokenizer
 from sparse_llm.engine.model_runner import ModelRunner
 from sparse_llm.engine.output_processor import append_token, request_output
@@ -59,7 +60,10 @@ class LLMEngine:
             batched_tokens = max(batched_tokens, self.max_model_len)  # a whole prompt must fit one step
         self.runner = ModelRunner(args, loaded, self.device, self.max_model_len)
         kvc = args.kv_cache_config
-        self.block_manager = BlockManager(self.runner.num_blocks, kvc.block_size, kvc.enable_prefix_caching)
+        prefix_caching = kvc.enable_prefix_caching
+        if self.runner.compaction is not None:
+            prefix_caching = self.runner.compaction.prefix_caching(prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, kvc.block_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, args.max_num_seqs, batched_tokens, args.enable_chunked_prefill)
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
@@ -165,6 +169,7 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
+        apply_compaction(self.block_manager, batch, inputs.meta.compact_to)
         if sampled is None:
             return []
         now = time.monotonic()

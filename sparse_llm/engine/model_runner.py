@@ -11,8 +11,9 @@ import torch
 
 from sparse_llm.backends.registry import create_backends
 from sparse_llm.configs.llm_args import LlmArgs
-from sparse_llm.configs.resolve import resolve
+from sparse_llm.configs.resolve import resolve, warn_ineffective_factors
 from sparse_llm.engine import kv_cache
+from sparse_llm.engine.compaction import CompactionPolicy
 from sparse_llm.engine.context import set_context
 from sparse_llm.engine.cuda_graphs import DecodeGraphs
 from sparse_llm.engine.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -35,8 +36,10 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
 
         self.layer_params = resolve(args.sparse_attention_config, loaded.hf_config, loaded.checkpoint_meta, loaded.layer_specs)
+        warn_ineffective_factors(self.layer_params, max_model_len)
         self.backends = create_backends(loaded.layer_specs, self.layer_params, args.attention_backend, device)
         self.collect_stats = any(p is not None for p in self.layer_params)
+        self.compaction = CompactionPolicy.from_layer_params(self.layer_params)  # None unless rocket
         self._previous = [(layer.backend, layer.cache) for layer in self.layers]  # restored by detach()
         for layer, backend in zip(self.layers, self.backends, strict=True):
             layer.backend, layer.cache = backend, {}
@@ -145,6 +148,8 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[StepInputs, SamplerOutput | None]:
         """Compute the batch's new tokens; sample for sequences whose last token was computed."""
         inputs = build_step_inputs(batch, self.block_size, self.device, self.collect_stats)
+        if self.compaction is not None:
+            inputs.meta.compact_to = self.compaction.targets(batch)
         hidden = self._forward(inputs)
         if inputs.meta.seq_stats is not None:
             for seq, phase, (total, skipped) in zip(batch.seqs, inputs.phases, inputs.meta.seq_stats.tolist()):

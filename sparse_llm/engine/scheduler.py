@@ -60,7 +60,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.ensure_blocks(seq, seq.num_computed_tokens + n):
+            while not self.block_manager.ensure_blocks(seq, seq.num_kv_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True

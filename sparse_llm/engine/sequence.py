@@ -56,6 +56,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of the full blocks registered so far
         self.num_computed_tokens = 0
+        # Tokens dropped from the paged cache by prompt compression (RocketKV): the cache holds
+        # num_computed_tokens - num_evicted_tokens tokens, while positions keep counting (engine/compaction.py).
+        self.num_evicted_tokens = 0
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
@@ -68,6 +71,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Tokens whose K/V are held in the paged cache (computed minus evicted by compaction)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_output_tokens(self) -> int:

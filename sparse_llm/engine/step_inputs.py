@@ -27,13 +27,15 @@ class StepInputs:
 
 def build_step_inputs(batch: ScheduledBatch, block_size: int, device: torch.device, collect_stats: bool) -> StepInputs:
     seqs, qlens = batch.seqs, batch.num_new_tokens
-    starts = [s.num_computed_tokens for s in seqs]
-    seq_lens = [st + n for st, n in zip(starts, qlens)]
+    starts = [s.num_computed_tokens for s in seqs]  # true positions (RoPE)
+    # Cache lengths: after prompt compression a sequence's cache holds fewer tokens than its position.
+    evicted = [s.num_evicted_tokens for s in seqs]
+    seq_lens = [st - e + n for st, e, n in zip(starts, evicted, qlens)]
     phases = batch.phases
 
     input_ids: list[int] = []
-    for s, st, end in zip(seqs, starts, seq_lens):
-        input_ids.extend(s.token_ids[st:end])
+    for s, st, n in zip(seqs, starts, qlens):
+        input_ids.extend(s.token_ids[st:st + n])
     qlens_t = torch.tensor(qlens, dtype=torch.int64)
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int64)
     torch.cumsum(qlens_t, 0, out=cu[1:])
@@ -44,9 +46,10 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, device: torch.devi
     width = max(len(s.block_table) for s in seqs)
     block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
     token_seq = torch.repeat_interleave(torch.arange(len(seqs)), qlens_t)
-    slot_mapping = block_tables[token_seq, positions // block_size].long() * block_size + positions % block_size
+    cache_pos = positions - torch.tensor(evicted, dtype=torch.int64)[token_seq]
+    slot_mapping = block_tables[token_seq, cache_pos // block_size].long() * block_size + cache_pos % block_size
 
-    sampling = [i for i, (s, end) in enumerate(zip(seqs, seq_lens)) if end == s.num_tokens]
+    sampling = [i for i, (s, st, n) in enumerate(zip(seqs, starts, qlens)) if st + n == s.num_tokens]
     sample_rows = cu[1:][sampling] - 1
 
     tsf = None

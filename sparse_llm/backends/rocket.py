@@ -1,0 +1,206 @@
+"""RocketKV in torch: dense prefill, prompt compression of the paged cache, KT-cache top-k page decode.
+
+Cache layout: the usual paged K/V plus an auxiliary "kt" cache [num_blocks, 2, block_size // page_size,
+Hkv, D] (channel-wise min, max of K per page of cache slots), indexed by the same block table.
+Every KV head keeps exactly prompt_budget tokens, so compaction packs each head's kept tokens into slots
+[0, prompt_budget) of the sequence; slot j of head h and of head h' may hold different original tokens,
+which is fine because K is stored after RoPE. The engine (engine/compaction.py) decides which sequences
+compact (meta.compact_to), then frees the blocks past the new length.
+
+Per-sequence state: the queries of the prompt's last window_size positions, kept across prefill chunks so
+a last chunk shorter than the window still scores with the full window.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sparse_llm.backends.base import AttentionBackend, AttentionMetadata, CacheSpec, write_kv
+from sparse_llm.backends.rocket_select import page_minmax, prompt_keep_indices, select_pages
+from sparse_llm.backends.torch_dense import gather_kv, gather_kv_batch, paged_attention_torch
+from sparse_llm.configs.params import RocketParams
+
+KT_DTYPES = {"bfloat16": torch.bfloat16, "float8_e5m2": torch.float8_e5m2}
+
+
+def prefill_part(meta: AttentionMetadata) -> AttentionMetadata:
+    """The metadata of the batch's prefill sequences only (for the dense prefill path)."""
+    n = meta.num_prefills
+    return dataclasses.replace(
+        meta,
+        cu_seqlens_q=meta.cu_seqlens_q[:n + 1],
+        seq_lens=meta.seq_lens[:n],
+        block_tables=meta.block_tables[:n],
+        seq_lens_cpu=None if meta.seq_lens_cpu is None else meta.seq_lens_cpu[:n],
+        query_lens_cpu=None if meta.query_lens_cpu is None else meta.query_lens_cpu[:n],
+        threshold_scale_factor=None,
+        seq_stats=None,
+    )
+
+
+class TorchRocketBackend(AttentionBackend):
+    name = "torch"
+    algorithms = frozenset({"rocket"})
+    devices = frozenset({"cpu", "cuda"})
+
+    def __init__(self, layer, params: RocketParams):
+        super().__init__(layer, params)
+        if params.kt_cache_dtype not in KT_DTYPES:
+            raise ValueError(f"rocket kt_cache_dtype={params.kt_cache_dtype!r}: allowed {sorted(KT_DTYPES)}")
+        self.window_q: dict[int, torch.Tensor] = {}  # seq_id -> [<= W, H, D]
+        self.pending: dict[int, torch.Tensor] = {}  # seq_id -> kept cache positions [Hkv, budget]
+        self.compacted: set[int] = set()
+
+    def cache_spec(self, block_size: int, dtype: torch.dtype) -> list[CacheSpec]:
+        ps = self.params.page_size
+        if block_size % ps:
+            raise ValueError(
+                f"rocket page_size={ps} must divide kv_cache_config.block_size={block_size} (use a page_size <= block_size)"
+            )
+        kt = CacheSpec("kt", (2, block_size // ps, self.layer.num_kv_heads, self.layer.head_dim),
+                       KT_DTYPES[self.params.kt_cache_dtype])
+        return super().cache_spec(block_size, dtype) + [kt]
+
+    # --- forward --------------------------------------------------------------------------------------
+    def forward(self, q, k, v, cache, meta):
+        write_kv(cache["kv"], k, v, meta.slot_mapping)
+        out = torch.empty(q.shape[0], q.shape[1], cache["kv"].shape[-1], dtype=q.dtype, device=q.device)
+        npt = meta.num_prefill_tokens
+        if meta.num_prefills:
+            out[:npt] = paged_attention_torch(q[:npt], cache["kv"], prefill_part(meta), self.layer.scale)
+            if meta.compact_to is not None and meta.seq_ids is not None:
+                self._prefill_selection(q, cache["kv"], meta)
+        if meta.num_decodes:
+            out[npt:] = self._decode(q[npt:], cache, meta)
+        return out
+
+    def _prefill_selection(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Keep each prefill sequence's trailing window queries; choose the kept tokens of those compacting now."""
+        W = self.params.window_size
+        cu = meta.cu_seqlens_q.tolist()
+        seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
+        for i in range(meta.num_prefills):
+            sid, qlen, kv_len = meta.seq_ids[i], cu[i + 1] - cu[i], seq_lens[i]
+            chunk = q[cu[i]:cu[i + 1]]
+            prev = self.window_q.get(sid) if kv_len > qlen else None  # a first chunk starts a new window
+            win = chunk[-W:] if prev is None else torch.cat([prev, chunk])[-W:]
+            self.window_q[sid] = win
+            target = meta.compact_to[i]
+            if target:
+                keys, _ = gather_kv(kv, meta.block_tables[i], kv_len)
+                self.pending[sid] = prompt_keep_indices(win, keys, self.layer.scale, self.params.kernel_size, target)
+                del self.window_q[sid]
+
+    def _decode(self, q: torch.Tensor, cache: dict[str, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        p, ps = self.params, self.params.page_size
+        n0, nd = meta.num_prefills, meta.num_decodes
+        lens = meta.seq_lens[n0:].long()
+        tables = meta.block_tables[n0:]
+        if meta.seq_ids is not None:
+            for sid in meta.seq_ids[n0:]:
+                self.window_q.pop(sid, None)
+        self._update_current_page(cache, tables, lens)
+
+        seq_lens = meta.seq_lens_cpu[n0:] if meta.seq_lens_cpu is not None else lens.tolist()
+        max_len = max(seq_lens)
+        P = -(-max_len // ps)
+        k, v = gather_kv_batch(cache["kv"], tables, max_len)  # [B, L, Hkv, D]
+        valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]
+        k = torch.where(valid[:, :, None, None], k, 0).to(q.dtype)
+        v = torch.where(valid[:, :, None, None], v, 0).to(q.dtype)
+        kmin, kmax = self._read_pages(cache["kt"], tables, P)
+        num_pages = (lens + ps - 1) // ps
+        picked = select_pages(q, kmin, kmax, num_pages, p.topr, p.topk, self.layer.scale)  # [B, Hkv, P]
+        if p.seq_len_threshold is not None and meta.seq_ids is not None:
+            # Below the threshold an uncompacted sequence stays dense.
+            dense = [sid not in self.compacted and n < p.seq_len_threshold for sid, n in zip(meta.seq_ids[n0:], seq_lens)]
+            picked |= torch.tensor(dense, device=q.device)[:, None, None]
+        attend = picked.repeat_interleave(ps, -1)[..., :max_len] & valid[:, None, :]  # [B, Hkv, L]
+
+        B, H, D = q.shape
+        Hkv = k.shape[2]
+        qg = q.view(B, Hkv, H // Hkv, D)
+        s = torch.einsum("bkgd,blkd->bkgl", qg, k)
+        s = s.to(torch.promote_types(s.dtype, torch.float32)) * self.layer.scale  # softmax in >= fp32
+        s = s.masked_fill(~attend[:, :, None, :], float("-inf"))
+        o = torch.einsum("bkgl,blkd->bkgd", torch.softmax(s, -1).to(v.dtype), v)
+
+        in_range = torch.arange(P, device=q.device)[None, :] < num_pages[:, None]
+        total = num_pages * Hkv
+        selected = (picked & in_range[:, None, :]).sum((1, 2))
+        self.stats.add("decode", int(total.sum()), int((total - selected).sum()))
+        if meta.seq_stats is not None:
+            meta.seq_stats[n0:, 0] += total
+            meta.seq_stats[n0:, 1] += total - selected
+        return o.reshape(B, H, -1)
+
+    # --- KT cache -------------------------------------------------------------------------------------
+    @staticmethod
+    def _page_location(tables: torch.Tensor, pages: torch.Tensor, per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block id, page index within the block) of cache pages [B, P] of sequences with block tables [B, *]."""
+        blk = tables.long().gather(1, (pages // per_block).clamp(max=tables.shape[1] - 1))
+        return blk, pages % per_block
+
+    def _read_pages(self, kt: torch.Tensor, tables: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pages = torch.arange(P, device=tables.device).expand(tables.shape[0], P)
+        blk, local = self._page_location(tables, pages, kt.shape[2])
+        entry = kt[blk, :, local].float()  # [B, P, 2, Hkv, D]
+        return entry[:, :, 0], entry[:, :, 1]
+
+    def _write_pages(self, cache, tables: torch.Tensor, first_page: torch.Tensor, num_pages: int, lens: torch.Tensor):
+        """Recompute KT entries of pages [first_page, first_page + num_pages) of each sequence from its K."""
+        kv, kt = cache["kv"], cache["kt"]
+        ps, bs = self.params.page_size, kv.shape[2]
+        pages = first_page[:, None] + torch.arange(num_pages, device=tables.device)[None, :]  # [B, n]
+        tok = pages[:, :, None] * ps + torch.arange(ps, device=tables.device)  # [B, n, ps]
+        tok_blk = tables.long().gather(1, (tok // bs).flatten(1).clamp(max=tables.shape[1] - 1)).view_as(tok)
+        keys = kv[tok_blk, 0, tok % bs]  # [B, n, ps, Hkv, D]
+        valid = tok < lens[:, None, None]
+        kmin, kmax = page_minmax(keys.flatten(1, 2), valid.flatten(1), ps)  # [B, n, Hkv, D]
+        has = valid[:, :, 0]
+        blk, local = self._page_location(tables, pages, kt.shape[2])
+        entry = torch.stack([kmin, kmax], 2).to(kt.dtype)  # [B, n, 2, Hkv, D]
+        kt[blk[has], :, local[has]] = entry[has]
+
+    def _update_current_page(self, cache, tables: torch.Tensor, lens: torch.Tensor) -> None:
+        """Keep the KT entry of each decode sequence's current page exact (it changes with every new token)."""
+        self._write_pages(cache, tables, (lens - 1) // self.params.page_size, 1, lens)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def on_step_end(self, cache, meta):
+        """Compact the sequences that finished their prompt this step; refresh KT for all prefill chunks."""
+        if meta.num_prefills == 0 or "kt" not in cache:
+            return
+        ps = self.params.page_size
+        cu = meta.cu_seqlens_q.tolist()
+        seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
+        for i in range(meta.num_prefills):
+            table = meta.block_tables[i:i + 1]
+            start, kv_len = seq_lens[i] - (cu[i + 1] - cu[i]), seq_lens[i]
+            target = 0 if meta.compact_to is None else meta.compact_to[i]
+            if target:
+                keep = self.pending.pop(meta.seq_ids[i])
+                self._compact(cache["kv"], meta.block_tables[i], kv_len, keep)
+                self.compacted.add(meta.seq_ids[i])
+                start, kv_len = 0, target
+            first = start // ps
+            n = -(-kv_len // ps) - first
+            lens = torch.tensor([kv_len], device=table.device)
+            self._write_pages(cache, table, torch.tensor([first], device=table.device), n, lens)
+
+    @staticmethod
+    def _compact(kv: torch.Tensor, block_table: torch.Tensor, kv_len: int, keep: torch.Tensor) -> None:
+        """Pack each KV head's kept tokens (keep [Hkv, budget], sorted cache positions) into slots [0, budget)."""
+        k, v = gather_kv(kv, block_table, kv_len)  # [L, Hkv, D]
+        idx = keep.T[:, :, None].expand(-1, -1, k.shape[-1])  # [budget, Hkv, D]
+        kk, vv = k.gather(0, idx), v.gather(0, idx)  # copies: safe to write back over the source
+        pos = torch.arange(keep.shape[1], device=kv.device)
+        bs = kv.shape[2]
+        slots = block_table[pos // bs].long() * bs + pos % bs
+        write_kv(kv, kk, vv, slots)
+
+    def on_sequence_freed(self, seq_id: int) -> None:
+        self.window_q.pop(seq_id, None)
+        self.pending.pop(seq_id, None)
+        self.compacted.discard(seq_id)
