@@ -15,6 +15,8 @@ and Triton backends, is planned here on the host once per step:
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,6 +97,7 @@ class MlaBackend(AttentionBackend):
         """The contract's entry: v must be the first v_head_dim channels of k (absorbed MLA)."""
         return self.forward_mla(q, k, None, cache, meta)
 
+    @abstractmethod
     def forward_mla(
         self,
         q: torch.Tensor,  # [T, H, kv_lora_rank + rope]
@@ -103,7 +106,7 @@ class MlaBackend(AttentionBackend):
         cache: dict[str, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H, kv_lora_rank]
-        raise NotImplementedError
+        """Each DSA backend (torch, Triton) implements the MLA attention here."""
 
     def _count(self, meta: AttentionMetadata, plan_sparse: list[bool] | None) -> None:
         """Tokens attended vs causal tokens, per phase and (when asked) per sequence."""

@@ -83,7 +83,7 @@ def indexer_logits(
     num_stages = num_stages or (1 if interpreting() else 2)
     block_h = max(16, triton.next_power_of_2(H))
     block_d = max(16, triton.next_power_of_2(D))
-    scale = k_scale if k_scale is not None else weights  # placeholder pointer, never read
+    scale = k_scale if k_scale is not None else weights  # any tensor: the kernel reads it only when HAS_SCALE
     grid = (R, triton.cdiv(max_len, block_n * tiles))
     _indexer_logits_kernel[grid](
         q, weights, k_cache, scale, block_tables, row_seq, n_valid, out,

@@ -153,7 +153,7 @@ def mla_attention(
     num_splits = num_splits or default_num_splits(R, head_blocks, max_tokens, block_n)
     o_part = torch.empty(R, H, num_splits, v_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(R, H, num_splits, dtype=torch.float32, device=q.device)
-    idx = indices if indices is not None else row_len  # placeholder pointer when dense
+    idx = indices if indices is not None else row_len  # any tensor when dense: the SPARSE=False kernel never reads it
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _mla_split_kernel[(head_blocks, num_splits, R)](
         q, kv_cache, block_tables, row_seq, row_len, idx, o_part, lse_part,
