@@ -185,12 +185,17 @@ class Sparsity(BaseModel):
     decode: float | None = None
 
 
-class CompletionChoice(BaseModel):
+class _ChoiceEnd(BaseModel):
+    """The fields every finished choice carries (completions and chat alike)."""
+
     index: int
-    text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+
+class CompletionChoice(_ChoiceEnd):
+    text: str
 
 
 class CompletionResponse(BaseModel):
@@ -208,12 +213,8 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_ChoiceEnd):
     message: ChatResponseMessage
-    logprobs: dict[str, Any] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
