@@ -18,6 +18,11 @@ achieved sparsity is reported next to every time.
 
     python benchmarks/attention_kernels.py                 # full run (GPU, ~5-8 minutes on an H100)
     python benchmarks/attention_kernels.py --quick         # fewer sizes
+    python benchmarks/attention_kernels.py --quick --bound-skip --smollm2 8192   # + key-bound pre-skip, real inputs
+
+--bound-skip also times every skip-softmax prefill row with the key min/max bound pre-skip (issue #4 item 3;
+backends/key_bounds.py) and reports the fraction of tiles it skipped before QKᵀ. --smollm2 N adds skip-softmax
+prefill rows on q/k/v captured from SmolLM2-135M layers (H=9, Hkv=3, D=64) on an N-token RULER-style prompt.
     TRITON_INTERPRET=1 python benchmarks/attention_kernels.py --quick --cpu-smoke   # CPU: tiny shapes, no speed
 """
 from __future__ import annotations
@@ -39,8 +44,10 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from sparse_llm.backends.base import AttentionMetadata, write_kv  # noqa: E402
+from sparse_llm.backends.key_bounds import update_key_bounds  # noqa: E402
 from sparse_llm.backends.paged_batch import random_paged_batch, reference_attention  # noqa: E402
 from sparse_llm.backends.skip_softmax_torch import skip_softmax_paged_torch  # noqa: E402
 from sparse_llm.kernels.decode import paged_decode  # noqa: E402
@@ -112,6 +119,16 @@ def metadata(q_lens, kv_lens, num_prefills, tables, page, device) -> AttentionMe
     )
 
 
+def key_bounds_of(cache, tables, kv_lens):
+    """The per-block key min/max cache of the sequences in `cache`, as the Triton backend keeps it."""
+    page = cache.shape[2]
+    bounds = torch.empty(cache.shape[0], 2, cache.shape[3], cache.shape[4], dtype=cache.dtype, device=cache.device)
+    for i, n in enumerate(kv_lens):
+        pos = torch.arange(n, device=cache.device)
+        update_key_bounds(cache, bounds, tables[i, pos // page].long() * page + pos % page, has_prefill=True)
+    return bounds
+
+
 # ----------------------------------------------------------------------------------------------- timing
 def timer(device):
     if device.type == "cuda":
@@ -154,6 +171,12 @@ def check_correctness(args, device, dtype, planner) -> dict:
     sim, counts = skip_softmax_paged_torch(b.q.double(), kv.double(), m, scale, "prefill", lam)
     res["prefill_skip_max_err"] = float((out.double() - sim).abs().max())
     res["prefill_skip_counts"] = {"kernel": stats.tolist(), "torch": counts.tolist()}
+    if args.bound_skip:  # the bound may only drop QKᵀ of tiles the rule skips: same output, same skip counts
+        bstats = torch.zeros(2, 3, dtype=torch.int32, device=device)
+        bout = paged_prefill(b.q, kv, m.cu_seqlens_q, m.seq_lens, m.block_tables, m.max_seqlen_q, scale, lam, bstats,
+                             key_bounds=key_bounds_of(kv, m.block_tables, kv_lens))
+        res["prefill_bound_max_err"] = float((bout.double() - sim).abs().max())
+        res["prefill_bound_same_skips"] = bool(torch.equal(bstats[:, :2], stats))
     if planner is not None:
         planner.plan(m, args.page_size)
         res["flashinfer_prefill_max_err"] = float((planner.prefill.run(b.q, kv).double() - ref).abs().max())
@@ -177,6 +200,7 @@ def check_correctness(args, device, dtype, planner) -> dict:
 
     errs_ok = all(v <= tol for k, v in res.items() if k.endswith("max_err"))
     counts_ok = all(_counts_close(res[k]) for k in ("prefill_skip_counts", "decode_skip_counts"))
+    counts_ok = counts_ok and res.get("prefill_bound_same_skips", True)
     res["tolerance"] = tol
     res["ok"] = errs_ok and counts_ok
     return res
@@ -208,8 +232,9 @@ def _prefill_one(n, args, device, dtype, planner, bench) -> tuple[dict, list]:
     m = metadata([n], [n], 1, tables, page, device)
     flops = 2.0 * n * n * h * d  # causal half of 4·N²·H·D
 
-    def ours(lam=None, stats=None):
-        return paged_prefill(q, cache, m.cu_seqlens_q, m.seq_lens, m.block_tables, n, scale, lam, stats)
+    def ours(lam=None, stats=None, bounds=None):
+        return paged_prefill(q, cache, m.cu_seqlens_q, m.seq_lens, m.block_tables, n, scale, lam, stats,
+                             key_bounds=bounds)
 
     row = {"seq_len": n, "ours_ms": bench(ours)}
     row["ours_tflops"] = flops / row["ours_ms"] * 1e-9
@@ -219,20 +244,63 @@ def _prefill_one(n, args, device, dtype, planner, bench) -> tuple[dict, list]:
         planner.plan(m, page)
         row["flashinfer_ms"] = bench(lambda: planner.prefill.run(q, cache))
         row["flashinfer_tflops"] = flops / row["flashinfer_ms"] * 1e-9
-    skips = []
     if n not in args.skip_lens:
-        return row, skips
+        return row, []
+    return row, _skip_rows(args, ours, cache, tables, n, row, device, bench, "synthetic")
+
+
+def _skip_rows(args, ours, cache, tables, n, dense_row, device, bench, source) -> list:
+    """Skip-softmax rows at ≈50% / ≈75% tile sparsity; with --bound-skip also the key-bound build."""
+    bounds = key_bounds_of(cache, tables, [n]) if args.bound_skip else None
+    flops = 2.0 * n * n * args.heads * args.head_dim if source == "synthetic" else dense_row["flops"]
+    rows = []
     for target in TARGETS:
         factor, sparsity = _find_factor(lambda f: _prefill_sparsity(ours, f, n, device), target, n, args.search_steps)
         lam = torch.tensor([math.log(factor / n)], device=device)
         ms = bench(lambda lam=lam: ours(lam))
-        skips.append({
-            "seq_len": n, "target": target, "factor": factor, "sparsity": sparsity, "ms": ms,
+        r = {
+            "source": source, "seq_len": n, "target": target, "factor": factor, "sparsity": sparsity, "ms": ms,
             "tflops_dense_equivalent": flops / ms * 1e-9,
-            "speedup_vs_ours_dense": row["ours_ms"] / ms,
-            "speedup_vs_cudnn": row["cudnn_ms"] / ms if row.get("cudnn_ms") else None,
-        })
-    return row, skips
+            "speedup_vs_ours_dense": dense_row["ours_ms"] / ms,
+            "speedup_vs_cudnn": dense_row["cudnn_ms"] / ms if dense_row.get("cudnn_ms") else None,
+        }
+        if bounds is not None:
+            stats = torch.zeros(1, 3, dtype=torch.int32, device=device)
+            ours(lam, stats, bounds)
+            total, skipped, pre = stats[0].tolist()
+            r["bound_ms"] = bench(lambda lam=lam: ours(lam, None, bounds))
+            r["pre_skipped"] = pre / total  # of all visited tiles
+            r["bound_caught"] = pre / skipped if skipped else None  # of the skipped tiles
+            r["bound_same_skips"] = skipped / total == sparsity
+            r["speedup_bound_vs_skip"] = ms / r["bound_ms"]
+        rows.append(r)
+    return rows
+
+
+def bench_smollm2(args, device, dtype, planner, bench) -> tuple[list, list]:
+    """Dense and skip-softmax rows on q/k/v captured from SmolLM2 layers (one prompt of ≈args.smollm2 tokens)."""
+    from smollm2_capture import capture_prefill_qkv
+
+    captured = capture_prefill_qkv(args.smollm2, args.smollm2_layers, args.model, device, dtype)
+    dense_rows, skip_rows = [], []
+    for layer, (q, k, v) in sorted(captured.items()):
+        n, h, d = q.shape
+        hkv, scale, page = k.shape[1], d ** -0.5, args.page_size
+        cache, tables = paged_cache([n], hkv, d, page, dtype, device, fill=lambda i, _: (k, v))
+        m = metadata([n], [n], 1, tables, page, device)
+
+        def ours(lam=None, stats=None, bounds=None, q=q, cache=cache, m=m, n=n, scale=scale):
+            return paged_prefill(q, cache, m.cu_seqlens_q, m.seq_lens, m.block_tables, n, scale, lam, stats,
+                                 key_bounds=bounds)
+
+        source = f"smollm2-layer{layer}"
+        row = {"source": source, "seq_len": n, "heads": h, "kv_heads": hkv, "head_dim": d,
+               "flops": 2.0 * n * n * h * d, "ours_ms": bench(ours)}
+        row["ours_tflops"] = row["flops"] / row["ours_ms"] * 1e-9
+        dense_rows.append(row)
+        skip_rows.extend(_skip_rows(args, ours, cache, tables, n, row, device, bench, source))
+        _free(device)
+    return dense_rows, skip_rows
 
 
 def _cudnn_prefill(q, k, v, h, hkv, scale, bench, flops) -> dict:
@@ -358,10 +426,16 @@ def table(result: dict) -> str:
         ratio = r["cudnn_ms"] / r["ours_ms"] if r.get("cudnn_ms") else None
         lines.append(f"  N={r['seq_len']:>6}                 {f(r['ours_tflops']):>6} {f(r.get('cudnn_tflops')):>7} "
                      f"{f(r.get('flashinfer_tflops')):>11}  {f(ratio, '{:.2f}'):>10}")
-    lines.append("skip-softmax prefill           sparsity  factor      ms  x ours-dense  x cuDNN")
-    for r in result["prefill_skip"]:
-        lines.append(f"  N={r['seq_len']:>6}                 {r['sparsity']:>8.1%} {r['factor']:>8.3g}"
-                     f" {r['ms']:>7.2f} {r['speedup_vs_ours_dense']:>10.2f} {f(r['speedup_vs_cudnn'], '{:.2f}'):>8}")
+    lines.append("skip-softmax prefill           sparsity  factor      ms  x ours-dense  x cuDNN"
+                 "  | bound: ms  pre-skip  caught  x skip")
+    for r in result["prefill_skip"] + result.get("smollm2_skip", []):
+        bound = "" if "bound_ms" not in r else (
+            f"  | {r['bound_ms']:>9.2f} {r['pre_skipped']:>8.1%} {f(r['bound_caught'], '{:.1%}'):>7}"
+            f" {r['speedup_bound_vs_skip']:>6.2f}")
+        name = "" if r.get("source", "synthetic") == "synthetic" else r["source"]
+        lines.append(f"  N={r['seq_len']:>6} {name:<17}{r['sparsity']:>8.1%} {r['factor']:>8.3g}"
+                     f" {r['ms']:>7.2f} {r['speedup_vs_ours_dense']:>10.2f} {f(r['speedup_vs_cudnn'], '{:.2f}'):>8}"
+                     + bound)
     lines.append("dense decode (us | TB/s)        ours            FlashInfer      ours/FI time")
     for r in result["decode_dense"]:
         fi = r.get("flashinfer_us")
@@ -382,6 +456,13 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_kernels_<gpu>.json)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer even if it is installed")
+    ap.add_argument("--bound-skip", action="store_true",
+                    help="also time skip-softmax prefill with the key min/max bound pre-skip (pre-skip fraction reported)")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode sections")
+    ap.add_argument("--smollm2", type=int, default=0, metavar="N",
+                    help="also skip-softmax prefill on q/k/v captured from SmolLM2 layers on an N-token prompt (<= 8192)")
+    ap.add_argument("--smollm2-layers", type=int, nargs="+", default=[2, 15, 28], help="layers captured for --smollm2")
+    ap.add_argument("--model", default=None, help="checkpoint for --smollm2 (default: the bundled SmolLM2 GGUF)")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
         args.heads, args.kv_heads, args.head_dim = 4, 1, 64
@@ -427,7 +508,12 @@ def main(argv=None) -> int:
         return 1
     result["prefill_dense"], result["prefill_skip"] = bench_prefill(args, device, dtype, planner, bench)
     print(f"prefill done after {time.time() - t0:.0f} s", flush=True)
-    result["decode_dense"], result["decode_skip"] = bench_decode(args, device, dtype, planner, bench)
+    if args.smollm2:
+        result["smollm2_dense"], result["smollm2_skip"] = bench_smollm2(args, device, dtype, planner, bench)
+        print(f"smollm2 done after {time.time() - t0:.0f} s", flush=True)
+    result["decode_dense"], result["decode_skip"] = (
+        ([], []) if args.prefill_only else bench_decode(args, device, dtype, planner, bench)
+    )
     result["seconds"] = round(time.time() - t0, 1)
     _write(out_path, result)
     print(table(result))

@@ -4,6 +4,9 @@
     python benchmarks/dsa_decode.py --cpu-smoke      # tiny shapes on CPU under TRITON_INTERPRET=1 (no timing)
     python benchmarks/dsa_decode.py --fidelity       # CPU: fp8 indexer cache vs unquantised (docs/dsa.md)
 
+Launch parameters per shape come from benchmarks/dsa_tune.py's results/dsa_tune_<gpu>.json when it exists
+(--tuned PATH to choose one, --no-tuned for the kernels' built-in defaults).
+
 Sparse step = indexer logits (64 heads x 128, fp8 keys + per-token scale) -> radix top-2048 -> sparse MLA
 attention (128 heads, latent 512 + rope 64) over the selected tokens. Dense = the same attention kernel
 over every token (its dense mode), so the ratio measures the selection, not two different kernels.
@@ -36,6 +39,7 @@ from sparse_llm.backends.dsa_cache import (  # noqa: E402
 from sparse_llm.backends.dsa_torch import indexer_logits_ref, mla_attention_ref  # noqa: E402
 from sparse_llm.kernels.dsa_indexer import indexer_logits  # noqa: E402
 from sparse_llm.kernels.dsa_mla_attention import mla_attention  # noqa: E402
+from sparse_llm.kernels.dsa_query_prep import prepare_indexer_query_fp8  # noqa: E402
 from sparse_llm.kernels.dsa_topk import topk_positions  # noqa: E402
 
 V32 = dict(heads=128, kv_lora=512, rope=64, index_heads=64, index_dim=128, topk=2048, page=64)
@@ -67,36 +71,81 @@ def build_case(batch: int, context: int, shape: dict, fp8: bool, device, dtype, 
     )
 
 
-def steps(c: dict, shape: dict):
-    """The callables timed: dense, the three sparse stages, and the whole sparse step."""
+def steps(c: dict, shape: dict, best: dict | None = None):
+    """The callables timed: dense, the three sparse stages, and the whole sparse step. `best` (a shape's entry
+    of dsa_tune's JSON: launch parameters for "indexer", "topk", "attention") replaces the kernels' defaults."""
+    best = best or {}
+    ix_kw, tk_kw, at_kw = dict(best.get("indexer", {})), dict(best.get("topk", {})), dict(best.get("attention", {}))
+    slots = at_kw.pop("slots", False)
+    query_prep = best.get("query_prep", "torch")
+    if query_prep not in ("torch", "fused"):
+        raise ValueError(f"query_prep={query_prep!r} is not allowed; allowed: 'torch', 'fused'")
+    paging = dict(block_tables=c["tables"], row_seq=c["row_seq"], page=shape["page"]) if slots else {}
     topk, dv = shape["topk"], shape["kv_lora"]
     sparse_len = torch.clamp(c["n_valid"], max=topk)
     cache = {"indexer_k": c["k_cache"]} | ({"indexer_k_scale": c["k_scale"]} if c["k_scale"] is not None else {})
     c["cache"] = cache
     c["iq8"], c["w8"] = prepare_indexer_query(c["iq"], c["w"], cache)
-    logits = indexer_logits(c["iq8"], c["w8"], c["k_cache"], c["k_scale"], c["tables"], c["row_seq"], c["n_valid"], c["context"])
-    idx = topk_positions(logits, c["n_valid"], topk)
+
+    def score(iq, w):
+        return indexer_logits(iq, w, c["k_cache"], c["k_scale"], c["tables"], c["row_seq"], c["n_valid"], c["context"],
+                              **ix_kw)
+
+    def choose(lg):  # positions, or physical slots when the attention variant reads slots
+        sel = topk_positions(lg, c["n_valid"], topk, **tk_kw, **paging)
+        return sel[1] if slots else sel
+
+    def attend_to(ix):
+        return mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], sparse_len, c["scale"], dv, topk,
+                             indices=ix, indices_are_slots=slots, **at_kw)
+
+    logits = score(c["iq8"], c["w8"])
+    idx = topk_positions(logits, c["n_valid"], topk)  # positions (the checks gather with them)
+    chosen = choose(logits)
 
     def dense():
         return mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], c["n_valid"], c["scale"], dv, c["context"])
 
-    def indexer():
-        return indexer_logits(c["iq8"], c["w8"], c["k_cache"], c["k_scale"], c["tables"], c["row_seq"], c["n_valid"],
-                              c["context"])
+    def prepare():  # Hadamard rotation + fp8 quantisation of the indexer queries
+        if query_prep == "fused" and c["k_scale"] is not None:
+            return prepare_indexer_query_fp8(c["iq"], c["w"])
+        return prepare_indexer_query(c["iq"], c["w"], cache)
 
-    def select():
-        return topk_positions(logits, c["n_valid"], topk)
+    def sparse_step():  # query preparation included
+        iq, w = prepare()
+        return attend_to(choose(score(iq, w)))
 
-    def attend():
-        return mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], sparse_len, c["scale"], dv, topk, indices=idx)
+    fns = dict(dense=dense, query_prep=prepare, indexer=lambda: score(c["iq8"], c["w8"]), topk=lambda: choose(logits),
+               sparse_attention=lambda: attend_to(chosen), sparse_step=sparse_step)
+    return fns, logits, idx
 
-    def sparse_step():  # query preparation (Hadamard rotation + fp8 quantisation of q) included
-        iq, w = prepare_indexer_query(c["iq"], c["w"], cache)
-        lg = indexer_logits(iq, w, c["k_cache"], c["k_scale"], c["tables"], c["row_seq"], c["n_valid"], c["context"])
-        ix = topk_positions(lg, c["n_valid"], topk)
-        return mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], sparse_len, c["scale"], dv, topk, indices=ix)
 
-    return dict(dense=dense, indexer=indexer, topk=select, sparse_attention=attend, sparse_step=sparse_step), logits, idx
+def gpu_slug() -> str:
+    """'h100', 'h200', ... from the CUDA device name (the tune file's suffix)."""
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "h20", "a100", "l40s", "b200"):
+        if tag in name:
+            return tag
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def load_tuned(path: str | None) -> dict:
+    """{"B8_N131072": best, ...} from dsa_tune.py's JSON; {} when there is none (then the kernels' defaults)."""
+    auto = path is None
+    if auto:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"dsa_tune_{gpu_slug()}.json")
+        if not os.path.exists(path):
+            print(f"no {path}: kernel defaults (run benchmarks/dsa_tune.py first)", flush=True)
+            return {}
+    with open(path) as f:
+        data = json.load(f)
+    if "results" not in data:
+        if auto:  # session 1's `dsa_decode.py --tune` table: not per shape, so not usable here
+            print(f"{path} predates benchmarks/dsa_tune.py: kernel defaults (run dsa_tune.py)", flush=True)
+            return {}
+        raise ValueError(f"--tuned {path} is not a benchmarks/dsa_tune.py result (no 'results' key)")
+    print(f"launch parameters from {path}", flush=True)
+    return {key: res["best"] for key, res in data["results"].items()}
 
 
 def flashinfer_dense(c: dict, shape: dict):
@@ -142,14 +191,16 @@ def check(c: dict, shape: dict, fns, logits, idx, rows: int = 2) -> dict:
     dense_kv = gather_latent(c["latent"], c["tables"][:rows], pos)
     want_dense = mla_attention_ref(c["q"][:rows].float(), dense_kv.float(), pos < ctx, c["scale"], dv)
     got_dense = fns["dense"]()[:rows].float()
+    got_step = fns["sparse_step"]()[:rows].float()  # the whole step, with its own (possibly tuned) top-k
     out = dict(
         indexer_rel_err=err_logits,
         topk_sets_equal_torch_topk=same_sets,
         sparse_attention_max_err=(got_sparse - want_sparse).abs().max().item(),
         dense_attention_max_err=(got_dense - want_dense).abs().max().item(),
+        sparse_step_max_err=(got_step - want_sparse).abs().max().item(),
     )
     tol = 2e-2 if c["q"].dtype == torch.bfloat16 else 1e-4
-    ok = same_sets and err_logits < tol and out["sparse_attention_max_err"] < tol and out["dense_attention_max_err"] < tol
+    ok = same_sets and err_logits < tol and max(out[k] for k in out if k.endswith("max_err")) < tol
     if not ok:
         raise AssertionError(f"kernel check failed (B={c['batch']}, N={ctx}): {out}")
     return out
@@ -173,11 +224,15 @@ def run_cuda(args) -> dict:
     import triton
 
     shape, device, dtype = V32, torch.device("cuda"), torch.bfloat16
+    tuned = {} if args.no_tuned or args.indexer_k_dtype != "fp8" else load_tuned(args.tuned)
     results = []
     for context in args.contexts:
         for batch in args.batches:
             c = build_case(batch, context, shape, args.indexer_k_dtype == "fp8", device, dtype)
-            fns, logits, idx = steps(c, shape)
+            best = tuned.get(f"B{batch}_N{context}")
+            if tuned and best is None:
+                print(f"B={batch} N={context}: not in the tune file, kernel defaults", flush=True)
+            fns, logits, idx = steps(c, shape, best)
             checked = check(c, shape, fns, logits, idx)
             fi = flashinfer_dense(c, shape)
             if fi is not None:
@@ -190,7 +245,7 @@ def run_cuda(args) -> dict:
                      for name, fn in fns.items()}
             dense_bytes = batch * context * (shape["kv_lora"] + shape["rope"]) * 2
             row = dict(
-                batch=batch, context=context, eager_ms=eager, graph_ms=graph,
+                batch=batch, context=context, launch=best, eager_ms=eager, graph_ms=graph,
                 speedup_eager=eager["dense"] / eager["sparse_step"], speedup_graph=graph["dense"] / graph["sparse_step"],
                 speedup_vs_flashinfer=graph["flashinfer_dense"] / graph["sparse_step"] if fi is not None else None,
                 dense_tb_per_s=dense_bytes / (graph["dense"] * 1e-3) / 1e12, check=checked,
@@ -293,50 +348,6 @@ def _fidelity_tiny_model() -> dict:
         return res
 
 
-def run_tune(args) -> dict:
-    """Sweep the kernels' launch parameters at one context (CUDA graphs); prints the best of each."""
-    import itertools
-
-    import triton
-
-    shape, device = V32, torch.device("cuda")
-    out = {}
-    for batch in args.batches:
-        c = build_case(batch, args.contexts[-1], shape, args.indexer_k_dtype == "fp8", device, torch.bfloat16)
-        _, logits, idx = steps(c, shape)
-        dv, topk, n = shape["kv_lora"], shape["topk"], c["context"]
-        sparse_len = torch.clamp(c["n_valid"], max=topk)
-        cands = {
-            "dense": lambda kw: mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], c["n_valid"], c["scale"], dv, n, **kw),
-            "sparse": lambda kw: mla_attention(c["q"], c["latent"], c["tables"], c["row_seq"], sparse_len, c["scale"], dv, topk,
-                                               indices=idx, **kw),
-            "indexer": lambda kw: indexer_logits(c["iq8"], c["w8"], c["k_cache"], c["k_scale"], c["tables"], c["row_seq"],
-                                                 c["n_valid"], n, **kw),
-        }
-        grids = {
-            "dense": [dict(block_h=h, block_n=bn, num_warps=w, num_stages=st)
-                      for h, bn, w, st in itertools.product([16, 32, 64], [32, 64], [4, 8], [1, 2])],
-            "indexer": [dict(block_n=bn, tiles=t, num_warps=w, num_stages=st)
-                        for bn, t, w, st in itertools.product([64, 128], [2, 8], [4, 8], [2, 3])],
-        }
-        grids["sparse"] = grids["dense"]
-        for name, fn in cands.items():
-            timings = []
-            for kw in grids[name]:
-                try:
-                    ms = triton.testing.do_bench(cuda_graph(lambda kw=kw: fn(kw)), warmup=10, rep=50, return_mode="median")
-                except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory, registers) is skipped
-                    print(f"  {name} {kw}: {type(e).__name__}", flush=True)
-                    continue
-                timings.append((ms, kw))
-            timings.sort(key=lambda t: t[0])
-            out[f"{name}_B{batch}"] = [(ms * 1e3, kw) for ms, kw in timings]
-            print(f"B={batch} N={n} {name}: best " + "; ".join(f"{ms * 1e3:.1f} us {kw}" for ms, kw in timings[:4]), flush=True)
-        del c, logits, idx
-        torch.cuda.empty_cache()
-    return out
-
-
 def run_engine_smoke(args) -> dict:
     """The engine end to end on this device: the tiny random DeepSeek-V3.2 of the tests, LLM(..., dsa) with the
     Triton backend vs the torch backend (same fp8 cache semantics), greedy, a prompt longer than index_topk."""
@@ -378,7 +389,8 @@ def main() -> None:
     ap.add_argument("--indexer-k-dtype", choices=["fp8", "bf16"], default="fp8")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes under TRITON_INTERPRET=1 (checks only)")
     ap.add_argument("--fidelity", action="store_true", help="fp8 vs unquantised indexer keys (CPU)")
-    ap.add_argument("--tune", action="store_true", help="sweep kernel launch parameters (CUDA)")
+    ap.add_argument("--tuned", default=None, help="dsa_tune.py JSON (default: results/dsa_tune_<gpu>.json if present)")
+    ap.add_argument("--no-tuned", action="store_true", help="the kernels' built-in defaults")
     ap.add_argument("--engine-smoke", action="store_true", help="LLM(..., dsa) end to end, Triton vs torch backend")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -386,8 +398,6 @@ def main() -> None:
         result = run_fidelity(args)
     elif args.cpu_smoke:
         result = run_cpu_smoke(args)
-    elif args.tune:
-        result = run_tune(args)
     elif args.engine_smoke:
         result = run_engine_smoke(args)
     else:

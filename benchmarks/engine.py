@@ -12,6 +12,10 @@ Decode rate = generated tokens after the first / time from the first token to th
 request metrics; HF: a logits processor that records when each step's logits are ready). Prompts are random token ids (dense
 attention does not depend on the values). Writes JSON to benchmarks/results/.
 
+Host-overhead share (issue 3): a second decode run of the same batch with each phase of the engine step timed
+(benchmarks/engine_host_overhead.py; on CUDA every phase ends with a synchronize, so the graph replay lands in
+"forward"): host = schedule + build inputs + sampling bookkeeping + output processing, as a share of the step.
+
     python benchmarks/engine.py --device cpu [--quick]
     python benchmarks/engine.py --device cuda [--quick] [--models smollm2,llama3-8b]
 """
@@ -36,6 +40,9 @@ from sparse_llm.engine.llm_engine import LLMEngine  # noqa: E402
 from sparse_llm.engine.sampling_params import SamplingParams  # noqa: E402
 from sparse_llm.llm import LLM  # noqa: E402
 from sparse_llm.models.loader import LoadedModel, default_model_path, load_model  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from engine_host_overhead import measure_decode  # noqa: E402
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -191,6 +198,20 @@ def hf_decode_rate(hf, prompts: list[list[int]], gen: int, device) -> float:
     return len(prompts) * (gen - 1) / (clock.times[-1] - clock.times[0])
 
 
+def step_phases(loaded, batch: int, steps: int, prompt_len: int, eager: bool) -> dict:
+    """Per-phase ms of one decode step at this batch, and the host share of the step."""
+    us = measure_decode(loaded, batch, steps, prompt_len=prompt_len, enforce_eager=eager)
+    out = {f"{k}_ms": v / 1e3 for k, v in us.items()}
+    out["host_share"] = us["host"] / us["total"]
+    return out
+
+
+def phases_line(p: dict) -> str:
+    return (f"step {p['total_ms']:.2f} ms = forward {p['forward_ms']:.2f} + logits {p['logits_ms']:.2f} + sample {p['sample_ms']:.2f}"
+            f" + schedule {p['schedule_ms']:.2f} + inputs {p['inputs_ms']:.2f} + post {p['post_ms']:.2f}; "
+            f"host {p['host_ms']:.2f} ms = {100 * p['host_share']:.0f}% of the step")
+
+
 def bench_cpu(quick: bool) -> dict:
     device, dtype = torch.device("cpu"), torch.float32
     prefill_len, repeats = (256, 1) if quick else (2048, 3)
@@ -214,6 +235,9 @@ def bench_cpu(quick: bool) -> dict:
         res["decode"][f"batch_{b}"] = {"ours_tok_s": r_ours, "hf_tok_s": r_hf, "prompt": 32, "generated": gen}
         print(f"decode batch {b}: ours {r_ours:.1f} tok/s, HF {r_hf:.1f} tok/s")
     llm.close()
+    b = batches[-1]
+    res["decode"][f"batch_{b}"]["phases"] = p = step_phases(ours, b, gen, 32, eager=True)
+    print(f"decode batch {b} phases: {phases_line(p)}")
     return res
 
 
@@ -230,6 +254,7 @@ def bench_gpu_model(name: str, ours, hf, quick: bool, eager: bool) -> dict:
     prompts = random_prompts(batch, prompt_len, vocab, 1)
     r_ours = ours_decode_rate(llm, prompts, gen)
     llm.close()
+    phases = step_phases(ours, batch, min(gen, 64), prompt_len, eager)
     llm = make_llm(ours, prefill_len + 16, 2 * (prefill_len + 16), 1, prefill_len, eager=True)  # prefill needs no graphs
     prompt = random_prompts(1, prefill_len, vocab, 2)[0]
     t_ours = ours_prefill_seconds(llm, prompt, 3, device)
@@ -238,11 +263,13 @@ def bench_gpu_model(name: str, ours, hf, quick: bool, eager: bool) -> dict:
     r_hf = hf_decode_rate(hf, prompts, gen, device)
     t_hf = hf_prefill_seconds(hf, prompt, 3, device)
     res["decode"] = {"batch": batch, "prompt": prompt_len, "generated": gen, "ours_tok_s": r_ours, "hf_tok_s": r_hf,
-                     "speedup": r_ours / r_hf, "cuda_graphs": graphs}
+                     "speedup": r_ours / r_hf, "cuda_graphs": graphs, "ours_step_ms": 1e3 * batch / r_ours,
+                     "phases": phases}
     res["prefill"] = {"tokens": prefill_len, "ours_tok_s": prefill_len / t_ours, "hf_tok_s": prefill_len / t_hf,
                       "ours_s": t_ours, "hf_s": t_hf}
     print(f"{name}: decode batch {batch}: ours {r_ours:.0f} tok/s, HF {r_hf:.0f} tok/s ({r_ours / r_hf:.1f}x; graphs={graphs}); "
           f"prefill {prefill_len}: ours {prefill_len / t_ours:.0f} tok/s, HF {prefill_len / t_hf:.0f} tok/s")
+    print(f"{name}: decode batch {batch} phases (timed run, a synchronize per phase): {phases_line(phases)}")
     return res
 
 

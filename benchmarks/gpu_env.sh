@@ -7,6 +7,9 @@ mkdir -p /tmp/sparse_llm_gpu
 if [ -d .whl ] && [ ! -f /tmp/sparse_llm_gpu/site.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/sparse_llm_gpu/site .whl/*.whl && touch /tmp/sparse_llm_gpu/site.done
+  # The same without FlashInfer, for runs that must not pay its JIT compiles (auto then picks Triton).
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/sparse_llm_gpu/site_nofi $(ls .whl/*.whl | grep -v -e flashinfer -e tvm_ffi -e cuda_tile -e cudnn)
 fi
 [ -f .model_a/part ] && cp .model_a/part /tmp/sparse_llm_gpu/model_a.part
 [ -f .model_b/part ] && cp .model_b/part /tmp/sparse_llm_gpu/model_b.part && cp .model_b/sha256 /tmp/sparse_llm_gpu/sha256

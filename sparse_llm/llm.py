@@ -55,6 +55,10 @@ class LLM:
         """Release the KV cache and detach from the model (needed before building another LLM on the same model)."""
         self.engine.close()
 
+    def shutdown(self) -> None:
+        """close(); with tensor_parallel_size > 1 this also stops the worker processes (idempotent)."""
+        self.engine.close()
+
     # --- generation -----------------------------------------------------------------------------------
     def generate(
         self,

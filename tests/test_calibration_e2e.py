@@ -47,19 +47,31 @@ def test_histogram_prediction_equals_engine_achieved_sparsity():
     from sparse_llm.calibration.run import collect_gaps
 
     llm = LLM(max_model_len=1024, enable_chunked_prefill=False)
-    text = "The river town kept its records in a tall stone tower by the bridge. " * 40
+    text = "The river town kept its records in a tall stone tower by the bridge. " * 60
     ids = llm.tokenizer(text)["input_ids"][:700]
-    col = collect_gaps(llm, {700: [ids]}, phases=("prefill",), progress=False)
+    assert len(ids) == 700
+    steps = 6
+    col = collect_gaps(llm, {700: [ids]}, phases=("prefill", "decode"), decode_steps=steps, progress=False)
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    dense_tokens = llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
     factor = 300.0
     predicted = col.merged("prefill").sparsity(factor)
     predicted_layer0 = col.merged("prefill", layer=0).sparsity(factor)
     assert predicted is not None and 0.02 < predicted < 0.98
+    # Layer 0 attends broadly: take the decode factor where its predicted curve first passes 0.1 (λ < 1).
+    curve = col.merged("decode", layer=0)
+    decode_factor = next(f for f in range(10, curve.min_kv_len, 10) if curve.sparsity(f) > 0.1)
+    predicted_decode0 = curve.sparsity(decode_factor)
 
     sparse = LLM(max_model_len=1024, enable_chunked_prefill=False,
-                 sparse_attention_config=SkipSoftmaxAttentionConfig(threshold_scale_factor={"prefill": factor}))
-    out = sparse.generate([ids], SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)[0]
+                 sparse_attention_config=SkipSoftmaxAttentionConfig(
+                     threshold_scale_factor={"prefill": factor, "decode": decode_factor}))
+    out = sparse.generate([ids], params, use_tqdm=False)[0]
     # Layer 0 sees the same inputs in both runs: the prediction is exact up to the histogram's 1% factor bins.
-    achieved_layer0 = sparse.engine.runner.layer_sparsity()[0]["prefill"]
-    assert achieved_layer0 == pytest.approx(predicted_layer0, abs=0.005)
+    achieved_layer0 = sparse.engine.runner.layer_sparsity()[0]
+    assert achieved_layer0["prefill"] == pytest.approx(predicted_layer0, abs=0.005)
+    # Decode too, with the sink-seeded split geometry, as long as the generated tokens are the dense ones.
+    assert list(out.outputs[0].token_ids) == list(dense_tokens)
+    assert achieved_layer0["decode"] == pytest.approx(predicted_decode0, abs=0.01)
     # Deeper layers see the sparse run's own activations, so the whole model is only close.
     assert out.metrics.sparsity["prefill"] == pytest.approx(predicted, abs=0.05)

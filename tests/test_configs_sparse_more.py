@@ -66,3 +66,18 @@ def test_tau_zero_warns(caplog):
     with caplog.at_level(logging.WARNING):
         FlexPrefillConfig(tau=0.0)
     assert any("disables the query-aware" in r.message for r in caplog.records)
+
+
+def test_quest_selection_picks_the_backend_class():
+    """`selection` reaches the registry: per_kv_head runs the group backends, the default the per-head ones."""
+    from sparse_llm.backends.base import LayerSpec
+    from sparse_llm.backends.quest import QuestGroupTorchBackend, QuestTorchBackend
+    from sparse_llm.backends.registry import backend_class, registry_algorithm
+
+    spec = LayerSpec(layer_idx=0, num_heads=6, num_kv_heads=2, head_dim=64, scale=0.125, module_name="model.layers.0.self_attn")
+    default = lower_more(QuestConfig(), 6)
+    grouped = lower_more(QuestConfig(selection="per_kv_head"), 6)
+    assert backend_class("torch", registry_algorithm(spec, default), "cpu") is QuestTorchBackend
+    assert backend_class("torch", registry_algorithm(spec, grouped), "cpu") is QuestGroupTorchBackend
+    with pytest.raises(ValidationError, match="selection"):
+        QuestConfig(selection="per_group")

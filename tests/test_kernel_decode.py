@@ -42,6 +42,9 @@ def test_split_policy_fills_the_gpu_and_respects_bounds():
     assert decode_split_tiles(131072, 1, 8, 132) * 64 * 8 < 131072
     assert decode_split_tiles(8192, 256, 8, 132) == 8192 // 64
     assert decode_split_tiles(100, 1, 8, 132) == 2  # never more tiles than the sequence has
+    # the skip build amortises each split's sink-seed tile over at least 8 tiles
+    assert decode_split_tiles(8192, 1, 3, 132) == 4 and decode_split_tiles(8192, 1, 3, 132, skip=True) == 8
+    assert decode_split_tiles(131072, 1, 8, 132, skip=True) == decode_split_tiles(131072, 1, 8, 132)
     with pytest.raises(ValueError, match="max_kv_len=0"):
         decode_split_tiles(0, 1, 8, 132)
 

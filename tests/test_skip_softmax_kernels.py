@@ -152,3 +152,52 @@ def test_triton_decode_is_capture_safe(monkeypatch):
     assert torch.equal(seq_t, seq_r) and seq_t[[0, 2], 1].min() > 0 and seq_t[1, 1] == 0
     assert host_total == 0  # host-side layer totals are skipped while capturing
     torch.testing.assert_close(out_t, out_r, atol=2e-5, rtol=0)
+
+
+# (dtype, group ratio, kv heads, page size, block_n, split_tiles, factor)
+SEEDED_CASES = [
+    (torch.float32, 1, 3, 16, 16, 2, 8.0),
+    (torch.float32, 3, 1, 32, 16, 3, 8.0),
+    (torch.float16, 4, 2, 16, 16, 2, 12.0),
+    (torch.float32, 8, 1, 32, 32, 2, 12.0),
+]
+
+
+@pytest.mark.parametrize("dtype,ratio,hkv,page,block_n,split_tiles,factor", SEEDED_CASES)
+def test_decode_sink_seeded_counts_agree_kernel_reference_and_gaps(dtype, ratio, hkv, page, block_n, split_tiles,
+                                                                   factor):
+    """Sink-seeded splits: the Triton kernel, the torch oracle and the calibration gaps make the same decisions
+    (exact counts); later splits skip their first tile; λ off (-inf) equals the dense kernel."""
+    from sparse_llm.backends.torch_dense import gather_kv
+    from sparse_llm.calibration.gaps import decode_tile_gaps
+
+    kv_lens = [151, 37, 203, 95]
+    b = _batch([1] * len(kv_lens), kv_lens, 0, ratio, hkv, page, dtype, seed=ratio + 10 * hkv)
+    m, lam = b.meta, _log_lambda(factor, kv_lens)
+    stats = torch.zeros(len(kv_lens), 2, dtype=torch.int32)
+    out = paged_decode(b.q, b.cache["kv"], m.seq_lens, m.block_tables, max(kv_lens), 0.125, log_lambda=lam,
+                       stats=stats, split_tiles=split_tiles, block_n=block_n)
+    ref, counts = skip_softmax_paged_torch(b.q.double(), b.cache["kv"].double(), m, 0.125, "decode", lam,
+                                           block_n=block_n, split_tiles=split_tiles)
+    gap_counts = torch.zeros_like(counts)
+    first_of_split_skipped = 0
+    for i, n in enumerate(kv_lens):
+        k, _ = gather_kv(b.cache["kv"].double(), m.block_tables[i], n)
+        g = decode_tile_gaps(b.q[i].double(), k, 0.125, block_n, split_tiles)
+        gap_counts[i] = torch.tensor([g.numel(), int((g < math.log(factor)).sum())])
+        n_tiles = -(-n // block_n)
+        starts = torch.arange(n_tiles).repeat(hkv) % split_tiles == 0  # g is [Hkv, tiles] flattened
+        first_of_split_skipped += int((g[starts] < math.log(factor)).sum())
+    assert torch.equal(stats.long(), counts) and torch.equal(counts, gap_counts)
+    assert first_of_split_skipped > 0  # the seed makes a split's first tile skippable
+    assert int(counts[:, 1].sum()) < int(counts[:, 0].sum())
+    torch.testing.assert_close(out.double(), ref, atol=TOL[dtype], rtol=0)
+    dense = paged_decode(b.q, b.cache["kv"], m.seq_lens, m.block_tables, max(kv_lens), 0.125,
+                         split_tiles=split_tiles, block_n=block_n)
+    assert (out - dense).abs().max() > 1e-4  # skipping changed the output
+    off_stats = torch.zeros(len(kv_lens), 2, dtype=torch.int32)
+    off = paged_decode(b.q, b.cache["kv"], m.seq_lens, m.block_tables, max(kv_lens), 0.125,
+                       log_lambda=torch.full((len(kv_lens),), -math.inf), stats=off_stats,
+                       split_tiles=split_tiles, block_n=block_n)
+    torch.testing.assert_close(off, dense, atol=TOL[dtype], rtol=0)  # seeded max, same softmax
+    assert off_stats[:, 1].sum() == 0 and torch.equal(off_stats[:, 0], counts[:, 0].int())

@@ -19,13 +19,14 @@ from sparse_llm.configs.params import SkipSoftmaxParams
 NEG = -math.inf
 
 
-def _naive_tile_loop(q, k, v, scale, lam, tiles):
+def _naive_tile_loop(q, k, v, scale, lam, tiles, m0=None, protect_first=True):
     """Literal BLASST rule for one program: q rows [R, D] at positions qpos, keys in `tiles` (lists).
 
-    Returns (o [R, Dv] unnormalised, l, m, visited, skipped). Rows with qpos = None see every key.
+    m0: the starting running max per row (decode's sink seed; default -inf); protect_first: the program's
+    first tile is never skipped. Returns (o [R, Dv] unnormalised, l, m, visited, skipped).
     """
     rows = q.shape[0]
-    m = [NEG] * rows
+    m = [NEG] * rows if m0 is None else list(m0)
     l = [0.0] * rows
     acc = torch.zeros(rows, v.shape[-1], dtype=torch.float64)
     visited = skipped = 0
@@ -34,7 +35,7 @@ def _naive_tile_loop(q, k, v, scale, lam, tiles):
         s = s.masked_fill(~visible, NEG)
         rowmax = s.max(1).values.tolist()
         visited += 1
-        if j > 0 and all(math.exp(rowmax[r] - m[r]) < lam for r in range(rows)):
+        if (j > 0 or not protect_first) and all(math.exp(rowmax[r] - m[r]) < lam for r in range(rows)):
             skipped += 1
             continue
         for r in range(rows):
@@ -74,12 +75,14 @@ def test_prefill_reference_matches_literal_rule():
 
 
 def test_decode_reference_matches_literal_rule_voted_over_the_group():
+    """Sink-seeded splits: every split starts from tile 0's row max; only split 0's tile 0 is protected."""
     g = torch.Generator().manual_seed(1)
     b, h, hkv, d, bn, split_tiles = 3, 6, 2, 16, 8, 2
     kv_lens = torch.tensor([61, 9, 40])
     lmax = int(kv_lens.max())
     q = torch.randn(b, h, d, generator=g, dtype=torch.float64) * 6
     k = torch.randn(b, lmax, hkv, d, generator=g, dtype=torch.float64)
+    k[:, 0] = q.view(b, hkv, h // hkv, d).mean(2)  # a sink key: later splits can skip their first tile
     v = torch.randn(b, lmax, hkv, d, generator=g, dtype=torch.float64)
     lam, scale = torch.tensor([0.5, 0.5, 2.0]), d ** -0.5  # the last sequence is off (λ >= 1)
     log_lam = torch.where(lam < 1, lam.log(), NEG)
@@ -87,25 +90,30 @@ def test_decode_reference_matches_literal_rule_voted_over_the_group():
     want = torch.empty_like(out)
     want_counts = torch.zeros(b, 2, dtype=torch.int64)
     group = h // hkv
+    first_skipped = False  # some later split skipped every tile, its first included (l = 0 in the merge)
     for i in range(b):
         n = int(kv_lens[i])
         for kvh in range(hkv):
             heads = slice(kvh * group, (kvh + 1) * group)
             parts = []
+            keys0 = torch.arange(min(bn, n))
+            seed = ((q[i, heads] @ k[i, keys0, kvh].T) * scale).max(1).values.tolist()
             for s0 in range(0, math.ceil(n / bn), split_tiles):
                 tiles = []
                 for j in range(s0, min(s0 + split_tiles, math.ceil(n / bn))):
                     keys = torch.arange(j * bn, min((j + 1) * bn, n))
                     tiles.append((keys, torch.ones(group, len(keys), dtype=torch.bool)))
                 lam_i = float(lam[i]) if lam[i] < 1 else 0.0
-                acc, l, m, vis, sk = _naive_tile_loop(q[i, heads], k[i, :, kvh], v[i, :, kvh], scale, lam_i, tiles)
+                acc, l, m, vis, sk = _naive_tile_loop(q[i, heads], k[i, :, kvh], v[i, :, kvh], scale, lam_i, tiles,
+                                                      m0=seed, protect_first=s0 == 0)
+                first_skipped |= s0 > 0 and sk > 0 and vis == sk
                 want_counts[i] += torch.tensor([vis, sk])
                 parts.append((acc, torch.tensor(l, dtype=torch.float64), torch.tensor(m, dtype=torch.float64)))
             big_m = torch.stack([p[2] for p in parts]).max(0).values
             num = sum(p[0] * torch.exp(p[2] - big_m)[:, None] for p in parts)
             den = sum(p[1] * torch.exp(p[2] - big_m) for p in parts)
             want[i, heads] = num / den[:, None]
-    assert want_counts[:2, 1].sum() > 0 and want_counts[2, 1] == 0
+    assert want_counts[:2, 1].sum() > 0 and want_counts[2, 1] == 0 and first_skipped
     assert torch.equal(counts, want_counts)
     torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
 
@@ -179,3 +187,11 @@ def test_registry_resolves_skip_softmax_backends(monkeypatch):
         backend_class("triton", "skip_softmax", "cpu")
     with pytest.raises(TypeError, match="SkipSoftmaxParams"):
         TorchSkipSoftmaxBackend(LayerSpec(0, 4, 2, 64, 0.125, "l"), None)
+
+
+def test_torch_backend_refuses_bound_skip():
+    """The bound pre-skip lives only in the Triton prefill kernel: asking the torch path for it is an error."""
+    spec = LayerSpec(layer_idx=3, num_heads=4, num_kv_heads=2, head_dim=64, scale=0.125, module_name="model.layers.3.self_attn")
+    params = SkipSoftmaxParams("skip_softmax", prefill_factor=100.0, decode_factor=None, bound_skip=True)
+    with pytest.raises(ValueError, match=r"model\.layers\.3\.self_attn: sparse_attention_config\.bound_skip=True"):
+        TorchSkipSoftmaxBackend(spec, params)

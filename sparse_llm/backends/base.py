@@ -61,18 +61,18 @@ def kv_cache_spec(block_size: int, num_kv_heads: int, head_dim: int, dtype: torc
 class SparsityStats:
     """Counts of attended vs total work units (tiles, tokens or pages), per phase.
 
-    `extra_skipped` counts units skipped by a cheaper pre-check (e.g. a key min/max bound before QK^T),
-    already included in `skipped`.
+    `pre_skipped` counts units skipped by a cheaper pre-check before the full score (the prefill key
+    min/max bound before QK^T); they are already included in `skipped`.
     """
 
     total: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
     skipped: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
-    extra_skipped: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
+    pre_skipped: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PHASES})
 
-    def add(self, phase: str, total: int, skipped: int, extra_skipped: int = 0) -> None:
+    def add(self, phase: str, total: int, skipped: int, pre_skipped: int = 0) -> None:
         self.total[phase] += int(total)
         self.skipped[phase] += int(skipped)
-        self.extra_skipped[phase] += int(extra_skipped)
+        self.pre_skipped[phase] += int(pre_skipped)
 
     def sparsity(self, phase: str) -> float | None:
         t = self.total[phase]
@@ -80,7 +80,7 @@ class SparsityStats:
 
     def reset(self) -> None:
         for p in PHASES:
-            self.total[p] = self.skipped[p] = self.extra_skipped[p] = 0
+            self.total[p] = self.skipped[p] = self.pre_skipped[p] = 0
 
 
 @dataclass(slots=True)

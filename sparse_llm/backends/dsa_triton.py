@@ -1,7 +1,8 @@
 """MLA attention with Triton kernels: DeepSeek Sparse Attention (indexer logits -> radix top-k -> sparse MLA
 attention) and dense MLA (the same attention kernel over every causal key).
 
-Same selection rule and cache layout as the torch backend (backends/dsa_base.py, dsa_cache.py). Rows of
+Same selection rule and cache layout as the torch backend (backends/dsa_base.py, dsa_cache.py). The top-k
+kernel hands the attention kernel physical cache slots, and fp8 queries are prepared by one fused kernel. Rows of
 dense sequences (short, or below seq_len_threshold) run the same attention kernel in its dense causal mode.
 The indexer logits of sparse rows are materialised as float32 [rows, max_len]; rows are processed in
 chunks so that buffer stays under LOGITS_BUDGET elements (and indexer_max_chunk_size rows).
@@ -14,6 +15,7 @@ from sparse_llm.backends.dsa_base import DsaBackendBase, IndexerInputs, MlaBacke
 from sparse_llm.backends.dsa_cache import INDEXER_K, INDEXER_K_SCALE, LATENT, prepare_indexer_query, write_indexer_k, write_latent
 from sparse_llm.kernels.dsa_indexer import indexer_logits
 from sparse_llm.kernels.dsa_mla_attention import mla_attention
+from sparse_llm.kernels.dsa_query_prep import prepare_indexer_query_fp8
 from sparse_llm.kernels.dsa_topk import topk_positions
 
 LOGITS_BUDGET = 1 << 28  # float32 elements (1 GiB)
@@ -52,14 +54,18 @@ class DsaTritonBackend(DsaBackendBase):
         for start in range(0, rows.numel(), step):
             r = rows[start:start + step]
             nv = n_valid[r]
-            iq, iw = prepare_indexer_query(indexer.q[r], indexer.weights[r], cache)
+            if INDEXER_K_SCALE in cache:  # rotation + fp8 quantisation of the queries in one kernel
+                iq, iw = prepare_indexer_query_fp8(indexer.q[r], indexer.weights[r])
+            else:
+                iq, iw = prepare_indexer_query(indexer.q[r], indexer.weights[r], cache)
             logits = indexer_logits(
                 iq, iw, cache[INDEXER_K], cache.get(INDEXER_K_SCALE), meta.block_tables, row_seq[r], nv, max_len,
             )
-            idx = topk_positions(logits, nv, topk)
+            _, slots = topk_positions(logits, nv, topk, block_tables=meta.block_tables, row_seq=row_seq[r],
+                                      page=cache[LATENT].shape[1])
             out[r] = mla_attention(
                 q[r], cache[LATENT], meta.block_tables, row_seq[r], torch.clamp(nv, max=topk),
-                self.layer.scale, self.layer.v_head_dim, topk, indices=idx,
+                self.layer.scale, self.layer.v_head_dim, topk, indices=slots, indices_are_slots=True,
             )
 
 

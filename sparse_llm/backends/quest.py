@@ -6,15 +6,24 @@ The min/max cache has `block_size // page_size` Quest pages per KV block, so it 
 (prefix caching) and freed with the KV blocks themselves. After each K/V write, every page that
 received a token is recomputed from the cache over its valid prefix (offsets up to the last one
 written): decode steps touch one page per sequence.
+
+Selection modes (docs/block_sparse.md): per query head (Quest's paper; the torch backend) or per KV head
+(`group_selection`, QuestGroupTritonBackend): each query head's page bounds, scaled by the softmax scale, are
+softmaxed over the pages and summed over the GQA group (RocketKV's reduction), and the group attends the
+top token_budget // page_size pages (current page included) together, so each selected K/V page is read
+once per group. `QuestGroupTorchBackend` is the torch reference of that mode.
 """
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
 from sparse_llm.backends.base import CacheSpec
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend, host_lens
 from sparse_llm.configs.sparse_more import QuestParams
-from sparse_llm.sparse.quest import page_scores, quest_selection, quest_topk
+from sparse_llm.backends.rocket_select import group_page_scores
+from sparse_llm.sparse.quest import mask_scores, page_scores, quest_selection, quest_topk
 
 MINMAX = "quest_minmax"
 
@@ -58,6 +67,8 @@ class QuestTorchBackend(BlockSparseBackend):
     name = "torch"
     algorithms = frozenset({"quest"})
     devices = frozenset({"cpu", "cuda"})
+    # False: each query head picks its own pages; True: the GQA group picks together (see the module doc).
+    group_selection: ClassVar[bool] = False
 
     def __init__(self, layer, params):
         if not isinstance(params, QuestParams):
@@ -96,14 +107,27 @@ class QuestTorchBackend(BlockSparseBackend):
         tables = meta.block_tables[npf:].long()
         blocks = tables[:, (pages // ppb).clamp(max=tables.shape[1] - 1)]  # [Nd, P]; past the end: masked below
         mm = minmax[blocks, (pages % ppb)[None, :]]  # [Nd, P, 2, Hkv, D]
-        scores = page_scores(q, mm[:, :, 0], mm[:, :, 1])
         n_pages = (meta.seq_lens[npf:].long() + ps - 1) // ps
+        if self.group_selection:
+            dt = torch.promote_types(q.dtype, torch.float32)
+            lo = torch.nan_to_num(mm[:, :, 0].to(dt), posinf=0.0, neginf=0.0)  # pages past the end: masked anyway
+            hi = torch.nan_to_num(mm[:, :, 1].to(dt), posinf=0.0, neginf=0.0)
+            scores = group_page_scores(q, lo, hi, n_pages, self.layer.head_dim, self.layer.scale)
+            return quest_topk(mask_scores(scores, n_pages), self.params.token_budget // ps, ps)
+        scores = page_scores(q, mm[:, :, 0], mm[:, :, 1])
         return quest_selection(scores, n_pages, self.params.token_budget // ps, ps)
 
 
+class QuestGroupTorchBackend(QuestTorchBackend):
+    """The torch reference of the Triton backend's selection mode: one page list per KV head."""
+
+    group_selection = True
+
+
 class QuestTritonBackend(QuestTorchBackend):
-    """Quest through Triton: page scores read straight from the paged min/max cache, then the
-    block-sparse kernel (CUDA; CPU under TRITON_INTERPRET=1)."""
+    """Quest through Triton, one page list per query head (the paper's mode, the registry's default): page
+    scores read straight from the paged min/max cache, then the block-sparse kernel (CUDA; CPU under
+    TRITON_INTERPRET=1)."""
 
     name = "triton"
     use_triton = True
@@ -118,3 +142,32 @@ class QuestTritonBackend(QuestTorchBackend):
         max_pages = -(-max(seq_lens[npf:]) // ps)
         scores = quest_scores_paged(q, cache[MINMAX], meta.block_tables[npf:], meta.seq_lens[npf:], ps, max_pages)
         return quest_topk(scores, self.params.token_budget // ps, ps)
+
+
+class QuestGroupTritonBackend(QuestTritonBackend):
+    """Quest decode with one page list per KV head (`group_selection`) through the page-sparse step
+    (backends/page_select.py: Triton scores, top-k and GQA-shared sparse decode). Not the registry default:
+    at the same token_budget it is less accurate than per-query-head lists when the heads of a group look
+    for different pages (tests/test_page_sparse_backends.py); at group_size x the budget it reads the same
+    K/V as the per-head mode and is more accurate. Torch reference: QuestGroupTorchBackend."""
+
+    group_selection = True
+
+    def _decodes(self, q, cache, meta, seq_lens, out) -> None:
+        from sparse_llm.backends.page_select import attended_tokens, page_sparse_step
+
+        ps = self.params.page_size
+        npf = meta.num_prefills
+        lens = meta.seq_lens[npf:]
+        mm = cache[MINMAX]
+        max_pages = -(-max(seq_lens[npf:]) // ps)
+        _, pages = page_sparse_step(
+            q, cache["kv"], mm[:, :, 0], mm[:, :, 1], meta.block_tables[npf:], lens, ps, max_pages,
+            self.layer.head_dim, self.params.token_budget // ps - 1, self.layer.scale, out=out,
+        )
+        # Query-key pairs summed over query heads, as the other block-sparse backends count.
+        group = self.layer.num_heads // self.layer.num_kv_heads
+        attended = (attended_tokens(pages, lens, ps) * group).tolist()
+        for j, n in enumerate(seq_lens[npf:]):
+            total = n * self.layer.num_heads
+            self._count(meta, npf + j, "decode", total, min(total, attended[j]))

@@ -32,7 +32,12 @@ BACKENDS: dict[tuple[str, str], str] = {
     ("triton", "vertical_slash"): "sparse_llm.backends.vertical_slash:VerticalSlashTritonBackend",
     ("torch", "quest"): "sparse_llm.backends.quest:QuestTorchBackend",
     ("triton", "quest"): "sparse_llm.backends.quest:QuestTritonBackend",
+    ("torch", "quest/per_kv_head"): "sparse_llm.backends.quest:QuestGroupTorchBackend",
+    ("triton", "quest/per_kv_head"): "sparse_llm.backends.quest:QuestGroupTritonBackend",
     ("torch", "rocket"): "sparse_llm.backends.rocket:TorchRocketBackend",
+    ("triton", "rocket"): "sparse_llm.backends.rocket_triton:TritonRocketBackend",
+    ("torch", "snapkv"): "sparse_llm.backends.snapkv:SnapKVBackend",
+    ("torch", "ada_snapkv"): "sparse_llm.backends.snapkv:SnapKVBackend",
 }
 
 # What `attention_backend: auto` picks, per device and algorithm, in order of preference.
@@ -88,7 +93,7 @@ def backend_class(attention_backend: str, algorithm: str, device: str | torch.de
 
 def registry_algorithm(spec: LayerSpec, params: LayerSparseParams | None) -> str:
     """The algorithm key of BACKENDS for a layer: "dense" when params is None; MLA layers use "mla/<algorithm>"."""
-    algorithm = "dense" if params is None else params.algorithm
+    algorithm = "dense" if params is None else params.registry_key
     return algorithm if spec.attention_type == "mha" else f"{spec.attention_type}/{algorithm}"
 
 

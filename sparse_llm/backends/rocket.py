@@ -18,7 +18,7 @@ import torch
 
 from sparse_llm.backends.base import AttentionBackend, AttentionMetadata, CacheSpec, write_kv
 from sparse_llm.backends.rocket_select import page_minmax, prompt_keep_indices, select_pages
-from sparse_llm.backends.torch_dense import gather_kv, gather_kv_batch, paged_attention_torch
+from sparse_llm.backends.torch_dense import gather_kv, paged_attention_torch
 from sparse_llm.configs.params import RocketParams
 
 KT_DTYPES = {"bfloat16": torch.bfloat16, "float8_e5m2": torch.float8_e5m2}
@@ -105,10 +105,6 @@ class TorchRocketBackend(AttentionBackend):
         seq_lens = meta.seq_lens_cpu[n0:] if meta.seq_lens_cpu is not None else lens.tolist()
         max_len = max(seq_lens)
         P = -(-max_len // ps)
-        k, v = gather_kv_batch(cache["kv"], tables, max_len)  # [B, L, Hkv, D]
-        valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]
-        k = torch.where(valid[:, :, None, None], k, 0).to(q.dtype)
-        v = torch.where(valid[:, :, None, None], v, 0).to(q.dtype)
         kmin, kmax = self._read_pages(cache["kt"], tables, P)
         num_pages = (lens + ps - 1) // ps
         picked = select_pages(q, kmin, kmax, num_pages, p.topr, p.topk, self.layer.scale)  # [B, Hkv, P]
@@ -116,24 +112,36 @@ class TorchRocketBackend(AttentionBackend):
             # Below the threshold an uncompacted sequence stays dense.
             dense = [sid not in self.compacted and n < p.seq_len_threshold for sid, n in zip(meta.seq_ids[n0:], seq_lens)]
             picked |= torch.tensor(dense, device=q.device)[:, None, None]
-        attend = picked.repeat_interleave(ps, -1)[..., :max_len] & valid[:, None, :]  # [B, Hkv, L]
-
-        B, H, D = q.shape
-        Hkv = k.shape[2]
-        qg = q.view(B, Hkv, H // Hkv, D)
-        s = torch.einsum("bkgd,blkd->bkgl", qg, k)
-        s = s.to(torch.promote_types(s.dtype, torch.float32)) * self.layer.scale  # softmax in >= fp32
-        s = s.masked_fill(~attend[:, :, None, :], float("-inf"))
-        o = torch.einsum("bkgl,blkd->bkgd", torch.softmax(s, -1).to(v.dtype), v)
-
+        o = self._attend_pages(q, cache["kv"], tables, lens, picked)
         in_range = torch.arange(P, device=q.device)[None, :] < num_pages[:, None]
-        total = num_pages * Hkv
+        total = num_pages * self.layer.num_kv_heads
         selected = (picked & in_range[:, None, :]).sum((1, 2))
         self.stats.add("decode", int(total.sum()), int((total - selected).sum()))
         if meta.seq_stats is not None:
             meta.seq_stats[n0:, 0] += total
             meta.seq_stats[n0:, 1] += total - selected
-        return o.reshape(B, H, -1)
+        return o
+
+    def _attend_pages(self, q, kv, tables, lens, picked) -> torch.Tensor:
+        """Attention of q [B, H, D] over only the picked pages (bool [B, Hkv, P]) of each KV head: gathers
+        max-picked-pages x page_size keys per head, not the whole context."""
+        ps, bs = self.params.page_size, kv.shape[2]
+        B, H, D = q.shape
+        Hkv = picked.shape[1]
+        width = int(picked.sum(-1).max())
+        order = picked.to(torch.int8).topk(width, -1)  # picked pages first (values 1), then padding (0)
+        page, listed = order.indices, order.values.bool()  # [B, Hkv, width]
+        pos = (page[..., None] * ps + torch.arange(ps, device=q.device)).flatten(2)  # [B, Hkv, T]
+        ok = listed.repeat_interleave(ps, -1) & (pos < lens[:, None, None])
+        blk = tables.long().gather(1, (pos // bs).flatten(1).clamp(max=tables.shape[1] - 1)).view_as(pos)
+        heads = torch.arange(Hkv, device=q.device)[None, :, None]
+        k = torch.where(ok[..., None], kv[blk, 0, pos % bs, heads], 0).to(q.dtype)  # [B, Hkv, T, D]
+        v = torch.where(ok[..., None], kv[blk, 1, pos % bs, heads], 0).to(q.dtype)
+        qg = q.view(B, Hkv, H // Hkv, D)
+        s = torch.einsum("bkgd,bktd->bkgt", qg, k)
+        s = s.to(torch.promote_types(s.dtype, torch.float32)) * self.layer.scale  # softmax in >= fp32
+        s = s.masked_fill(~ok[:, :, None, :], float("-inf"))
+        return torch.einsum("bkgt,bktd->bkgd", torch.softmax(s, -1).to(v.dtype), v).reshape(B, H, -1)
 
     # --- KT cache -------------------------------------------------------------------------------------
     @staticmethod

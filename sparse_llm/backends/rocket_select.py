@@ -55,16 +55,25 @@ def page_minmax(k: torch.Tensor, valid: torch.Tensor, page_size: int) -> tuple[t
     return kmin, kmax
 
 
-def select_pages(
+def channel_mask(q: torch.Tensor, num_kv_heads: int, topr: int) -> torch.Tensor | None:
+    """Bool [B, Hkv, D]: per KV head the top-topr channels of |q| summed over the group (None = all channels)."""
+    B, H, D = q.shape
+    if topr >= D:
+        return None
+    qg = q.to(torch.promote_types(q.dtype, torch.float32)).view(B, num_kv_heads, H // num_kv_heads, D)
+    chan = qg.abs().sum(2).topk(topr, -1).indices  # [B, Hkv, r]
+    return torch.zeros(B, num_kv_heads, D, dtype=torch.bool, device=q.device).scatter_(-1, chan, True)
+
+
+def group_page_scores(
     q: torch.Tensor,  # [B, H, D]: one decode query per sequence
     kmin: torch.Tensor,  # [B, P, Hkv, D]
     kmax: torch.Tensor,  # [B, P, Hkv, D]
     num_pages: torch.Tensor,  # [B]: pages holding tokens (the last one is the current, maybe partial, page)
     topr: int,
-    topk: int,
     scale: float,
 ) -> torch.Tensor:
-    """Bool [B, Hkv, P]: the pages each KV head attends (top min(topk, pages - 1) others plus the current page).
+    """[B, Hkv, P] ranking scores of the filled pages before the current one (0 on every other page).
 
     Per KV head: channels = top-topr of |q| summed over the group's query heads; per query head, page score =
     Σ_channels max(q·kmin, q·kmax) (an upper bound of q·k on the page); softmax over pages, summed over the group.
@@ -86,7 +95,25 @@ def select_pages(
     last = (num_pages.long() - 1).clamp(min=0)
     others = pages[None, :] < last[:, None]  # [B, P]: filled pages before the current one
     s = s.masked_fill(~others[:, None, None, :], float("-inf"))
-    score = torch.nan_to_num(torch.softmax(s, -1), nan=0.0).sum(2)  # [B, Hkv, P]; all -inf rows -> 0
+    return torch.nan_to_num(torch.softmax(s, -1), nan=0.0).sum(2)  # all -inf rows -> 0
+
+
+def select_pages(
+    q: torch.Tensor,  # [B, H, D]: one decode query per sequence
+    kmin: torch.Tensor,  # [B, P, Hkv, D]
+    kmax: torch.Tensor,  # [B, P, Hkv, D]
+    num_pages: torch.Tensor,  # [B]: pages holding tokens (the last one is the current, maybe partial, page)
+    topr: int,
+    topk: int,
+    scale: float,
+) -> torch.Tensor:
+    """Bool [B, Hkv, P]: the pages each KV head attends (top min(topk, pages - 1) others plus the current page),
+    ranked by `group_page_scores`."""
+    B, P, Hkv = q.shape[0], kmin.shape[1], kmin.shape[2]
+    pages = torch.arange(P, device=q.device)
+    last = (num_pages.long() - 1).clamp(min=0)
+    others = pages[None, :] < last[:, None]
+    score = group_page_scores(q, kmin, kmax, num_pages, topr, scale)
     score = score.masked_fill(~others[:, None, :], -1.0)
     k = min(topk, P)
     picked = torch.zeros(B, Hkv, P, dtype=torch.bool, device=q.device)

@@ -84,10 +84,11 @@ def phase_log_lambda(params: SkipSoftmaxParams, meta: AttentionMetadata, phase: 
 def record_phase_stats(stats: SparsityStats, meta: AttentionMetadata, phase: str, counts: torch.Tensor) -> None:
     """Add per-sequence (total, skipped) tile counts [n, 2] to meta.seq_stats and the layer's phase totals.
 
+    counts may carry a third column, pre-skipped tiles (the prefill bound pre-skip): layer totals only.
     Under CUDA-graph capture only the device-side per-sequence counts are kept (the runner reads them).
     """
-    meta.seq_stats[phase_slice(meta, phase)] += counts.to(device=meta.seq_stats.device, dtype=meta.seq_stats.dtype)
+    meta.seq_stats[phase_slice(meta, phase)] += counts[:, :2].to(device=meta.seq_stats.device,
+                                                                 dtype=meta.seq_stats.dtype)
     if capturing():
         return
-    total, skipped = counts.sum(0).tolist()
-    stats.add(phase, total, skipped)
+    stats.add(phase, *counts.sum(0).tolist())

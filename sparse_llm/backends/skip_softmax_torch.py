@@ -6,6 +6,8 @@ The rule, per KV tile in processing order (ascending keys), for the rows R of on
              exp(tile_rowmax_r - running_max_r) < λ          (scores already multiplied by the scale)
 A skipped tile does no exp, no row-sum, no P·V and leaves the running max alone. Padded rows (past the
 sequence's queries, or past the group's heads) never block a skip. log λ = -inf means off.
+Decode splits are sink-seeded: each split's running max starts at the row max of the sequence's tile 0
+(l = 0), so the only tile never skipped is split 0's tile 0 (kernels/decode.py says why).
 
 The tile geometry (block_m, block_n, decode split_tiles) is a parameter so the decisions, and hence the
 skipped-tile counts, equal the kernel's exactly. Vectorised over heads, rows and (decode) sequences and
@@ -82,18 +84,20 @@ def skip_softmax_prefill_reference(
     acc = torch.zeros(hkv, g, nqt, block_m, dv, dtype=q.dtype, device=q.device)
     total = skipped = 0
     for j in range(int(n_tiles.max())):
+        # Query tiles visit KV tiles up to their causal end, and n_tiles grows with the query tile: the ones
+        # still visiting tile j are a suffix [lo, nqt). Computing only those halves the work of long prompts.
+        lo = int((n_tiles <= j).sum())
         keys = torch.arange(j * block_n, min((j + 1) * block_n, lk), device=q.device)
         kj = k[keys].permute(1, 0, 2)[:, None, None]  # [Hkv, 1, 1, n, D]
         vj = v[keys].permute(1, 0, 2)[:, None, None]
-        s = (qt @ kj.transpose(-1, -2)) * scale  # [Hkv, G, nqt, BM, n]
-        s = s.masked_fill(keys[None, None, :] > qpos[..., None], NEG_INF)
-        gap = torch.where(row_valid, s.amax(-1) - m, NEG_INF)
-        skip = (gap.amax(-1) < log_lambda) & (j > 0)  # [Hkv, G, nqt]
-        active = (j < n_tiles).expand_as(skip)
-        update = active & ~skip
-        m, l, acc = _online_update((m, l, acc), s, vj, update[..., None].expand_as(m))
-        total += int(active.sum())
-        skipped += int((active & skip).sum())
+        s = (qt[:, :, lo:] @ kj.transpose(-1, -2)) * scale  # [Hkv, G, nqt - lo, BM, n]
+        s = s.masked_fill(keys[None, None, :] > qpos[lo:, :, None], NEG_INF)
+        state = (m[:, :, lo:], l[:, :, lo:], acc[:, :, lo:])
+        gap = torch.where(row_valid[lo:], s.amax(-1) - state[0], NEG_INF)
+        skip = (gap.amax(-1) < log_lambda) & (j > 0)  # [Hkv, G, nqt - lo]
+        m[:, :, lo:], l[:, :, lo:], acc[:, :, lo:] = _online_update(state, s, vj, (~skip)[..., None].expand_as(state[0]))
+        total += skip.numel()
+        skipped += int(skip.sum())
     out = (acc / l[..., None]).permute(2, 3, 0, 1, 4).reshape(nqt * block_m, h, dv)[:lq]
     return out, total, skipped
 
@@ -111,8 +115,10 @@ def skip_softmax_decode_reference(
     """Split-KV skip-softmax decode of one query token per sequence, voted over each KV head's group.
 
     q [B, H, D]; k/v [B, Lmax, Hkv, D] padded; kv_lens [B]; log_lambda [B]. Each split of
-    `split_tiles` tiles keeps its own running max (as the kernel's programs do); splits are merged by
-    log-sum-exp. Returns (out [B, H, Dv], counts [B, 2] = (total, skipped) tiles summed over KV heads).
+    `split_tiles` tiles keeps its own running max (as the kernel's programs do), seeded with the row max
+    of the sequence's tile 0; splits are merged by log-sum-exp (a split that skipped everything has
+    l = 0 and weighs nothing). Returns (out [B, H, Dv], counts [B, 2] = (total, skipped) tiles summed
+    over KV heads).
     """
     b, h, d = q.shape
     lmax, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -128,7 +134,10 @@ def skip_softmax_decode_reference(
     vp = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad)).view(b, nsp, split_tiles, block_n, hkv, dv)
     qg = q.view(b, 1, hkv, g, d)
     lam = log_lambda.to(device=q.device, dtype=q.dtype)[:, None, None]
-    m = torch.full((b, nsp, hkv, g), NEG_INF, dtype=q.dtype, device=q.device)
+    # Sink seed: tile 0's row max per (sequence, head); keys past a sequence's end are masked.
+    s0 = (qg[:, 0] @ kp[:, 0, 0].permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, BN]
+    s0 = s0.masked_fill(~(torch.arange(block_n, device=q.device)[None] < kv_lens[:, None])[:, None, None], NEG_INF)
+    m = s0.amax(-1)[:, None].expand(b, nsp, hkv, g).clone()
     l = torch.zeros_like(m)
     acc = torch.zeros(b, nsp, hkv, g, dv, dtype=q.dtype, device=q.device)
     counts = torch.zeros(b, 2, dtype=torch.int64, device=q.device)
@@ -142,12 +151,13 @@ def skip_softmax_decode_reference(
         key_ok = keys[None] < kv_lens[:, None, None]  # [B, nsp, BN]
         s = s.masked_fill(~key_ok[:, :, None, None, :], NEG_INF)
         active = (tile_start[None] < kv_lens[:, None])[:, :, None].expand(b, nsp, hkv)
-        skip = ((s.amax(-1) - m).amax(-1) < lam) & (t > 0)  # [B, nsp, Hkv]
+        first = (split_idx == 0) & (t == 0)  # split 0's tile 0: never skipped
+        skip = ((s.amax(-1) - m).amax(-1) < lam) & ~first[None, :, None]  # [B, nsp, Hkv]
         update = active & ~skip
         m, l, acc = _online_update((m, l, acc), s, vt, update[..., None].expand_as(m))
         counts[:, 0] += active.sum((1, 2))
         counts[:, 1] += (active & skip).sum((1, 2))
-    big_m = m.amax(1, keepdim=True)  # split 0 always has a processed tile, so finite
+    big_m = m.amax(1, keepdim=True)  # seeded, so finite
     w = torch.exp(m - big_m)
     out = (w[..., None] * acc).sum(1) / (w * l).sum(1)[..., None]
     return out.reshape(b, h, dv), counts
@@ -168,8 +178,9 @@ def skip_softmax_paged_torch(
     """Skip-softmax over the paged cache for the sequences of one phase; q holds that phase's tokens.
 
     Returns (out [tokens, H, Dv] in q's dtype, counts [num_seqs_of_phase, 2] = (total, skipped)).
-    For decode, `split_tiles` defaults to the kernel's policy: `decode_split_tiles` of
-    `max_decode_kv_len(meta)`, exactly as the Triton backend sizes its grid.
+    For decode, `split_tiles` defaults to the skip kernel's policy: `decode_split_tiles(..., skip=True)` of
+    `max_decode_kv_len(meta)`, exactly as the Triton backend sizes its skip grid (a dense phase, log λ all
+    -inf, gives the dense result for any split).
     """
     cdt = compute_dtype or (q.dtype if q.dtype == torch.float64 else torch.float32)
     sl = phase_slice(meta, phase)
@@ -192,7 +203,8 @@ def skip_softmax_paged_torch(
     bn = block_n or DECODE_BLOCK_N
     max_len = max(lens)
     if split_tiles is None:
-        split_tiles = decode_split_tiles(max_decode_kv_len(meta), len(lens), cache_kv.shape[3], num_sms(q.device), bn)
+        split_tiles = decode_split_tiles(max_decode_kv_len(meta), len(lens), cache_kv.shape[3], num_sms(q.device), bn,
+                                         skip=True)
     k, v = gather_kv_batch(cache_kv, meta.block_tables[sl], max_len)
     out, counts = skip_softmax_decode_reference(
         q.to(cdt), k.to(cdt), v.to(cdt), meta.seq_lens[sl], scale, log_lambda, split_tiles, bn
@@ -210,6 +222,11 @@ class TorchSkipSoftmaxBackend(AttentionBackend):
     def __init__(self, layer, params):
         if not isinstance(params, SkipSoftmaxParams):
             raise TypeError(f"{type(self).__name__} needs SkipSoftmaxParams, got {type(params).__name__}")
+        if params.bound_skip:  # same output, but the pre-skips would silently go uncounted
+            raise ValueError(
+                f"{layer.module_name}: sparse_attention_config.bound_skip=True runs only in the triton backend's "
+                "prefill kernel; use attention_backend=triton (CUDA) or set bound_skip=False"
+            )
         super().__init__(layer, params)
 
     def forward(self, q, k, v, cache, meta):

@@ -3,12 +3,15 @@
 Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests). Prefill chunks go through the varlen prefill
 kernel, decodes through the split-KV decode kernel; a phase whose threshold is unset runs the dense
 build of the kernel (no skip code compiled in). Decisions and counts equal `TorchSkipSoftmaxBackend`'s.
+With `bound_skip`, the layer also keeps per-block key min/max (backends/key_bounds.py) and prefill skips
+tiles before QK^T when that bound proves them skippable (same output, counted as `stats.pre_skipped`).
 """
 from __future__ import annotations
 
 import torch
 
-from sparse_llm.backends.base import AttentionBackend, AttentionMetadata
+from sparse_llm.backends.base import AttentionBackend, AttentionMetadata, CacheSpec
+from sparse_llm.backends.key_bounds import KEY_BOUNDS, key_bounds_spec, update_key_bounds
 from sparse_llm.backends.skip_softmax_rule import max_decode_kv_len, phase_log_lambda, record_phase_stats
 from sparse_llm.configs.params import SkipSoftmaxParams
 from sparse_llm.kernels.decode import paged_decode
@@ -35,11 +38,24 @@ class TritonBackend(AttentionBackend):
             raise ValueError(f"{layer.module_name}: v_head_dim={layer.v_head_dim} must equal head_dim={layer.head_dim}")
         super().__init__(layer, params)
 
+    @property
+    def bound_skip(self) -> bool:
+        return self.params is not None and self.params.bound_skip
+
+    def cache_spec(self, block_size: int, dtype: torch.dtype) -> list[CacheSpec]:
+        specs = super().cache_spec(block_size, dtype)
+        if self.bound_skip:
+            specs.append(key_bounds_spec(self.layer.num_kv_heads, self.layer.head_dim, dtype))
+        return specs
+
     def forward(self, q, k, v, cache, meta):
         kv = cache["kv"]
         if kv.dtype != q.dtype:
             raise ValueError(f"{self.layer.module_name}: cache dtype {kv.dtype} differs from query dtype {q.dtype}")
         kv_write(kv, k, v, meta.slot_mapping)
+        bounds = cache[KEY_BOUNDS] if self.bound_skip else None
+        if bounds is not None:  # every write, decodes included: a later prefix-cache hit reads these blocks
+            update_key_bounds(kv, bounds, meta.slot_mapping, has_prefill=meta.num_prefill_tokens > 0)
         out = torch.empty_like(q)
         npf, npt = meta.num_prefills, meta.num_prefill_tokens
         if q.shape[0] - npt != meta.num_decodes:
@@ -50,10 +66,11 @@ class TritonBackend(AttentionBackend):
         scale = self.layer.scale
         if npf:
             lam = self._log_lambda(meta, "prefill")
-            stats = self._counter(meta, lam, npf, q.device)
+            pre_bounds = bounds if lam is not None else None  # the bound only refines a skipping phase
+            stats = self._counter(meta, lam, npf, q.device, 3 if pre_bounds is not None else 2)
             paged_prefill(
                 q[:npt], kv, meta.cu_seqlens_q[:npf + 1], meta.seq_lens[:npf], meta.block_tables[:npf],
-                meta.max_seqlen_q, scale, log_lambda=lam, stats=stats, out=out[:npt],
+                meta.max_seqlen_q, scale, log_lambda=lam, stats=stats, out=out[:npt], key_bounds=pre_bounds,
             )
             if stats is not None:
                 record_phase_stats(self.stats, meta, "prefill", stats)
@@ -72,8 +89,9 @@ class TritonBackend(AttentionBackend):
         return None if self.params is None else phase_log_lambda(self.params, meta, phase)
 
     @staticmethod
-    def _counter(meta, log_lambda, n, device) -> torch.Tensor | None:
-        """A fresh int32 [n, 2] tile counter when stats are on and the phase runs skip-softmax."""
+    def _counter(meta, log_lambda, n, device, columns: int = 2) -> torch.Tensor | None:
+        """A fresh int32 [n, columns] tile counter (total, skipped[, pre-skipped]) when stats are on and the
+        phase runs skip-softmax."""
         if log_lambda is None or not meta.collect_stats:
             return None
-        return torch.zeros(n, 2, dtype=torch.int32, device=device)
+        return torch.zeros(n, columns, dtype=torch.int32, device=device)

@@ -9,6 +9,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sparse_llm.backends.base import AttentionBackend, LayerSpec, write_kv
@@ -42,6 +43,20 @@ class GapHistogram:
     def total(self) -> float:
         return float(self.counts.sum())
 
+    def sparsity_many(self, factors) -> np.ndarray:
+        """`sparsity` at every factor at once (NaN for None): one cumulative sum instead of a sum per factor."""
+        f = np.asarray(factors, dtype=np.float64)
+        out = np.full(f.shape, np.nan)
+        if self.total == 0:
+            return out
+        cum = np.cumsum(self.counts.numpy()) / self.total
+        with np.errstate(divide="ignore"):
+            upper = np.clip(np.floor((np.log(np.maximum(f, 0.0)) - G_MIN) / G_STEP), 0, N_BINS).astype(np.int64)
+        on = (f > 0) & (f < self.min_kv_len)
+        out[on] = cum[upper[on]]
+        out[f <= 0] = 0.0
+        return out
+
     def sparsity(self, factor: float) -> float | None:
         """Skipped / processed tiles at `factor`; None where λ >= 1 for some sequence (the rule is off there)."""
         if self.total == 0:
@@ -62,6 +77,8 @@ class GapCollector:
         self.geometry = geometry or TileGeometry()
         self.length_bin: int = 0
         self.hists: dict[tuple[int, str, int], GapHistogram] = defaultdict(GapHistogram)
+        # (phase, length bin) -> prompts recorded: the fit weighs bins by prompts, not tiles
+        self.samples: dict[tuple[str, int], int] = defaultdict(int)
 
     def add(self, layer: int, phase: str, gaps: torch.Tensor, kv_len: int) -> None:
         self.hists[(layer, phase, self.length_bin)].add(gaps, kv_len)
@@ -72,6 +89,26 @@ class GapCollector:
             if ph == phase and (length_bin is None or lb == length_bin) and (layer is None or lay == layer):
                 out.merge(h)
         return out
+
+    def state(self) -> dict:
+        """Everything the fit needs, for torch.save: calibrations can be collected in pieces and merged."""
+        return {
+            "geometry": [self.geometry.block_m, self.geometry.block_n, self.geometry.decode_block_n],
+            "hists": {f"{lay}|{ph}|{lb}": (h.counts, h.min_kv_len) for (lay, ph, lb), h in self.hists.items()},
+            "samples": {f"{ph}|{lb}": n for (ph, lb), n in self.samples.items()},
+        }
+
+    def merge_state(self, state: dict, source: str = "state") -> None:
+        """Add a saved `state()`; its tile geometry must equal this collector's (else the gaps mean other tiles)."""
+        geo = [self.geometry.block_m, self.geometry.block_n, self.geometry.decode_block_n]
+        if list(state["geometry"]) != geo:
+            raise ValueError(f"{source}: tile geometry {state['geometry']} differs from this calibration's {geo}")
+        for key, (counts, min_kv_len) in state["hists"].items():
+            lay, ph, lb = key.split("|")
+            self.hists[(int(lay), ph, int(lb))].merge(GapHistogram(counts.clone(), int(min_kv_len)))
+        for key, n in state["samples"].items():
+            ph, lb = key.split("|")
+            self.samples[(ph, int(lb))] += int(n)
 
     def length_bins(self, phase: str) -> list[int]:
         return sorted({lb for (_, ph, lb) in self.hists if ph == phase})
@@ -110,7 +147,7 @@ class CalibrationBackend(AttentionBackend):
         if "decode" in self.phases and meta.num_decodes:
             decode_lens = kv_lens[meta.num_prefills:]
             split = decode_split_tiles(max(decode_lens), meta.num_decodes, self.layer.num_kv_heads, num_sms(q.device),
-                                       geo.decode_block_n)
+                                       geo.decode_block_n, skip=True)
             for j, i in enumerate(range(meta.num_prefills, meta.num_seqs)):
                 kk, _ = gather_kv(cache["kv"], meta.block_tables[i], kv_lens[i])
                 gaps = decode_tile_gaps(q[start + j], kk, self.layer.scale, geo.decode_block_n, split)

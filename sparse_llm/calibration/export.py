@@ -7,6 +7,7 @@ from pathlib import Path
 from sparse_llm import __version__
 from sparse_llm.calibration.fit import FORMULA, PhaseFit
 from sparse_llm.calibration.gaps import TileGeometry
+from sparse_llm.kernels.geometry import DECODE_MIN_SPLIT_TILES_SKIP
 
 
 def sparse_block(fits: dict[str, PhaseFit], targets: dict[str, float], ignore: list[str], geometry: TileGeometry,
@@ -30,8 +31,14 @@ def sparse_block(fits: dict[str, PhaseFit], targets: dict[str, float], ignore: l
             "prefill_block_m": geometry.block_m,
             "prefill_block_n": geometry.block_n,
             "decode_block_n": geometry.decode_block_n,
+            # decode splits start from tile 0's row max; factors calibrated without seeds mean something else
+            "decode_splits": "sink_seeded",
+            "decode_min_split_tiles": DECODE_MIN_SPLIT_TILES_SKIP,
         },
-        "calibration_fit": {phase: {"r2": fit.r2, "sparsity_range": [fit.s_min, fit.s_max]} for phase, fit in fits.items()},
+        "calibration_fit": {
+            phase: {"r2": fit.r2, "sparsity_range": [fit.s_min, fit.s_max], "pinned_at_cap": fit.capped}
+            for phase, fit in fits.items()
+        },
     }
 
 

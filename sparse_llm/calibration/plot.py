@@ -17,7 +17,9 @@ def plot_fits(fits: dict[str, PhaseFit], path: str | Path) -> Path:
     for ax, (phase, fit) in zip(axes[0], fits.items()):
         for length in sorted({p[0] for p in fit.points}):
             pts = [(s, f) for lb, s, f in fit.points if lb == length]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=4, label=f"length {length}")
+            label = "mean over lengths (fitted)" if length == 0 else f"length {length}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12 if length == 0 else 3, label=label,
+                       marker="x" if length == 0 else "o")
         xs = [fit.s_min + i * (fit.s_max - fit.s_min) / 100 for i in range(101)]
         ax.plot(xs, [fit.a * math.exp(fit.b * x) for x in xs], "k-", label=f"{fit.a:.3g}·exp({fit.b:.3g}·s), R²={fit.r2:.3f}")
         ax.set_yscale("log")

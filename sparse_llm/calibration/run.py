@@ -55,6 +55,8 @@ def collect_gaps(
             collector.length_bin = length
             for prompt in prompts:  # one at a time: decode splits then match a batch-1 deployment
                 llm.generate([prompt], params, use_tqdm=False)
+                for phase in phases:
+                    collector.samples[(phase, length)] += 1
                 bar.update(1)
     bar.close()
     return collector

@@ -43,13 +43,26 @@ def build_samples(tokenizer, lengths: list[int], counts: list[int], seed: str, r
     return out
 
 
+def parse_lengths(text: str, name: str) -> list[int]:
+    """'2048,3072' -> [3072, 2048] (longest first); an error names the option and the bad value."""
+    try:
+        out = sorted({int(x) for x in text.split(",") if x.strip()}, reverse=True)
+    except ValueError:
+        raise ValueError(f"{name} {text!r}: expected comma-separated token counts like 2048,4096") from None
+    if not out or out[-1] < 64:
+        raise ValueError(f"{name} {text!r}: need at least one length, each >= 64 tokens")
+    return out
+
+
 def calibration_samples(tokenizer, max_seqlen: int, num_samples: int, min_seqlen: int = 1024, seed: int = 0,
-                        reserve: int = 0):
-    bins = length_bins(max_seqlen, min_seqlen)
+                        reserve: int = 0, lengths: list[int] | None = None):
+    """`num_samples` prompts split over `lengths` (default: halving bins from max_seqlen to min_seqlen)."""
+    bins = lengths or length_bins(max_seqlen, min_seqlen)
     return build_samples(tokenizer, bins, split_counts(num_samples, len(bins)), f"calib{seed}", reserve)
 
 
-def heldout_samples(tokenizer, max_seqlen: int, per_bin: int, min_seqlen: int = 1024, seed: int = 0, reserve: int = 0):
-    """Lengths at 3/4 of each bin (never the calibration lengths), another seed."""
-    bins = [b * 3 // 4 for b in length_bins(max_seqlen, min_seqlen)]
+def heldout_samples(tokenizer, max_seqlen: int, per_bin: int, min_seqlen: int = 1024, seed: int = 0, reserve: int = 0,
+                    lengths: list[int] | None = None):
+    """Another seed, so never the calibration prompts; lengths default to 3/4 of each halving bin."""
+    bins = lengths or [b * 3 // 4 for b in length_bins(max_seqlen, min_seqlen)]
     return build_samples(tokenizer, bins, [per_bin] * len(bins), f"heldout{seed}", reserve)

@@ -13,6 +13,11 @@ class LayerSparseParams:
 
     algorithm: str
 
+    @property
+    def registry_key(self) -> str:
+        """The algorithm key of backends.registry.BACKENDS (an algorithm with variants overrides it)."""
+        return self.algorithm
+
 
 @dataclass(frozen=True, slots=True)
 class SkipSoftmaxParams(LayerSparseParams):
@@ -20,6 +25,9 @@ class SkipSoftmaxParams(LayerSparseParams):
 
     prefill_factor: float | None = None
     decode_factor: float | None = None
+    # Prefill also skips tiles before QK^T when a per-block key min/max bound proves BLASST would skip them
+    # (same output and skip set; backends/key_bounds.py).
+    bound_skip: bool = False
 
     def factor(self, phase: str) -> float | None:
         return self.prefill_factor if phase == "prefill" else self.decode_factor

@@ -72,7 +72,8 @@ def _skip_softmax_params(cfg: SkipSoftmaxAttentionConfig, group: CheckpointGroup
                 "it runs dense",
                 p,
             )
-    return SkipSoftmaxParams("skip_softmax", prefill_factor=factors["prefill"], decode_factor=factors["decode"])
+    return SkipSoftmaxParams("skip_softmax", prefill_factor=factors["prefill"], decode_factor=factors["decode"],
+                             bound_skip=cfg.bound_skip)
 
 
 def _rocket_params(cfg: RocketSparseAttentionConfig, head_dim: int) -> RocketParams:

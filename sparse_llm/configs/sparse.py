@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from sparse_llm.configs.sparse_base import BaseSparseAttentionConfig, PhaseValues, as_phase_values
-from sparse_llm.configs.sparse_more import FlexPrefillConfig, QuestConfig, VerticalSlashConfig, XAttentionConfig
+from sparse_llm.configs.sparse_more import (
+    AdaSnapKVConfig,
+    FlexPrefillConfig,
+    QuestConfig,
+    SnapKVConfig,
+    VerticalSlashConfig,
+    XAttentionConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,12 @@ class SkipSoftmaxAttentionConfig(BaseSparseAttentionConfig):
         None,
         description="Fraction of KV tiles to skip, in [0, 1], a number or {prefill: x, decode: y}. Needs a "
         "checkpoint calibrated with a threshold_scale_factor formula (see `sparse-llm calibrate`).",
+    )
+    bound_skip: bool = Field(
+        False,
+        description="Prefill also skips a KV tile before QK^T when a per-block key min/max bound proves the rule "
+        "would skip it (same output and skipped tiles; counted as pre_skipped). Keeps a small per-block key "
+        "min/max cache. Triton backend only; others compute the same output without it.",
     )
 
     @field_validator("threshold_scale_factor", mode="before")
@@ -162,6 +175,8 @@ SparseAttentionConfig = Annotated[
         FlexPrefillConfig,
         VerticalSlashConfig,
         QuestConfig,
+        SnapKVConfig,
+        AdaSnapKVConfig,
     ],
     Field(discriminator="algorithm"),
 ]

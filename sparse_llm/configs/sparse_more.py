@@ -1,5 +1,6 @@
 """User configs and frozen per-layer params for the block-sparse family: XAttention, FlexPrefill,
-MInference vertical-slash (sparse prefill; decode stays dense) and Quest (sparse decode; prefill dense).
+MInference vertical-slash (sparse prefill; decode stays dense) and Quest (sparse decode; prefill dense);
+and for the prompt-compression family: SnapKV and Ada-SnapKV (dense prefill, then the cache keeps a budget).
 
 The config classes join the `sparse_attention_config` union (configs/sparse.py); `lower_more` turns
 one into the params every non-dense layer shares, and `dense_layer_indices` names the layers that stay
@@ -61,6 +62,25 @@ class QuestParams(LayerSparseParams):
 
     token_budget: int = 2048
     page_size: int = 16
+    selection: str = "per_query_head"
+
+    @property
+    def registry_key(self) -> str:
+        return "quest" if self.selection == "per_query_head" else "quest/per_kv_head"
+
+
+@dataclass(frozen=True, slots=True)
+class SnapKVParams(LayerSparseParams):
+    """SnapKV prompt compression: every KV head keeps its top prompt_budget - window_size prefix tokens plus
+    the window. floor_alpha is None for SnapKV; a number makes it Ada-SnapKV (layer-wide allocation, per-head
+    lengths vary, each head guaranteed floor_alpha of its share)."""
+
+    window_size: int = 32
+    kernel_size: int = 7
+    pooling: str = "max"
+    prompt_budget: int = 2048
+    seq_len_threshold: int | None = None
+    floor_alpha: float | None = None
 
 
 # ---------------------------------------------------------------- user configs
@@ -162,6 +182,12 @@ class QuestConfig(BaseSparseAttentionConfig):
     token_budget: int = Field(2048, gt=0, description="Keys attended per query head per decode step (a multiple of page_size).")
     page_size: int = Field(16, gt=0, description="Tokens per Quest page (a power of two dividing the KV block size).")
     dense_layers: int = Field(2, ge=0, description="The first this-many layers stay dense (Quest's default: 2).")
+    selection: Literal["per_query_head", "per_kv_head"] = Field(
+        "per_query_head",
+        description="per_query_head: every query head picks its own pages (the paper). per_kv_head: the query heads "
+        "of a GQA group pick one page list together (softmaxed page bounds summed over the group), so each selected "
+        "K/V page is read once per group: much faster decode, less accurate at the same token_budget.",
+    )
 
     @model_validator(mode="after")
     def _pages(self) -> "QuestConfig":
@@ -172,7 +198,51 @@ class QuestConfig(BaseSparseAttentionConfig):
         return self
 
 
-MORE_CONFIGS = (XAttentionConfig, FlexPrefillConfig, VerticalSlashConfig, QuestConfig)
+class SnapKVConfig(BaseSparseAttentionConfig):
+    """SnapKV (Li et al., NeurIPS 2024): after a dense prefill, the softmax attention of the last
+    `window_size` prompt queries (summed over the window and the query heads of a KV group, then pooled
+    over positions) ranks the prefix; each KV head keeps its top prompt_budget - window_size prefix tokens
+    plus the window, and the freed KV blocks go back to the cache. Decode is dense over the kept tokens."""
+
+    algorithm: Literal["snapkv"] = Field("snapkv", description="Selects this algorithm.")
+    window_size: int = Field(32, gt=0, description="Last prompt queries whose attention ranks the prefix; always kept.")
+    kernel_size: int = Field(7, gt=0, description="Pooling width over the position scores (odd, 'same' padding); 1 = no pooling.")
+    pooling: Literal["max", "avg"] = Field("max", description="Pooling of the scores over neighbouring positions: max or avg.")
+    prompt_budget: int = Field(2048, gt=0, description="Tokens kept per KV head after compression (window included); > window_size.")
+    seq_len_threshold: int | None = Field(
+        None, gt=0, description="Prompts shorter than this stay uncompressed (None: every prompt longer than prompt_budget)."
+    )
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding keeps one score per position), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SnapKVConfig":
+        if self.prompt_budget <= self.window_size:
+            raise ValueError(f"prompt_budget ({self.prompt_budget}) must be larger than window_size ({self.window_size})")
+        return self
+
+
+class AdaSnapKVConfig(SnapKVConfig):
+    """Ada-SnapKV (Feng et al., AdaKV 2024): SnapKV's scores, but the layer's num_kv_heads x
+    (prompt_budget - window_size) prefix slots go to the layer-wide top scores, so heads keep different
+    numbers of tokens; each head is first guaranteed its top floor_alpha x (prompt_budget - window_size).
+    In the paged cache every head packs its tokens into slots [0, n_h), the sequence holds max_h n_h slots
+    (over layers) and decode masks each head past its own n_h (see backends/snapkv.py)."""
+
+    algorithm: Literal["ada_snapkv"] = Field("ada_snapkv", description="Selects this algorithm.")
+    floor_alpha: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="Fraction of prompt_budget - window_size each KV head keeps by its own ranking before the "
+        "layer-wide allocation, in [0, 1]; 1 = plain SnapKV.",
+    )
+
+
+MORE_CONFIGS = (XAttentionConfig, FlexPrefillConfig, VerticalSlashConfig, QuestConfig, SnapKVConfig, AdaSnapKVConfig)
 
 
 # ---------------------------------------------------------------- lowering
@@ -197,7 +267,11 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
                                    local_diagonals=cfg.local_diagonals, block_size=cfg.block_size,
                                    seq_len_threshold=cfg.seq_len_threshold)
     if isinstance(cfg, QuestConfig):
-        return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size)
+        return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size, selection=cfg.selection)
+    if isinstance(cfg, SnapKVConfig):  # AdaSnapKVConfig included
+        return SnapKVParams(cfg.algorithm, window_size=cfg.window_size, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
+                            prompt_budget=cfg.prompt_budget, seq_len_threshold=cfg.seq_len_threshold,
+                            floor_alpha=getattr(cfg, "floor_alpha", None))
     raise ValueError(f"lower_more cannot lower algorithm={cfg.algorithm!r}")
 
 

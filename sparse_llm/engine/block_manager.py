@@ -159,10 +159,19 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[bid] = None
                 self._free.move_to_end(bid, last=False)
-        del seq.block_table[keep:]
+        seq.block_table = seq.block_table[:keep]  # a new list: Sequence.block_table_array sees the change
         return len(tail)
 
     # --- registration ---------------------------------------------------------------------------------
+    def register_full_blocks_of(self, seqs: list[Sequence]) -> None:
+        """register_full_blocks for a step's sequences, skipping (without a call) those with no newly full block."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for seq in seqs:
+            if seq.num_computed_tokens // bs > len(seq.block_hashes):
+                self.register_full_blocks(seq)
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """Register seq's blocks that became full and computed (call after each step)."""
         if not self.enable_prefix_caching:

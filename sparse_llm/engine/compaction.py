@@ -1,16 +1,18 @@
-"""Prompt compression on the paged cache (RocketKV): which sequences compact after a step, and the block
-bookkeeping afterwards.
+"""Prompt compression on the paged cache (RocketKV, SnapKV, Ada-SnapKV): which sequences compact after a
+step, and the block bookkeeping afterwards.
 
-After the step that computes a sequence's last prompt token, every attention layer keeps exactly
-`prompt_budget` tokens per KV head and packs them into cache slots [0, prompt_budget) (the backend does the
-data movement in `on_step_end`; K is stored after RoPE, so the kept tokens keep their original positions).
-The engine then counts the dropped tokens in `Sequence.num_evicted_tokens` — the cache holds
-num_computed_tokens - num_evicted_tokens tokens while positions keep counting — and gives the blocks past
-the new cache length back to the block manager, so the saving shows in the engine's block counts.
+After the step that computes a sequence's last prompt token, every attention layer keeps `prompt_budget`
+tokens per KV head and packs them into cache slots [0, prompt_budget) (the backend does the data movement in
+`on_step_end`; K is stored after RoPE, so the kept tokens keep their original positions). Ada-SnapKV keeps a
+different number n_h per head (their sum is Hkv x prompt_budget, so max n_h >= prompt_budget): its layers
+raise `meta.compact_to[i]` in `on_step_end` to their longest head, never lower it, so after the step the list
+holds the max over layers. The engine then counts the dropped tokens in `Sequence.num_evicted_tokens` — the
+cache holds num_computed_tokens - num_evicted_tokens tokens while positions keep counting — and gives the
+blocks past the new cache length back to the block manager, so the saving shows in the engine's block counts.
 
-The block table is shared by all layers, so every layer must compact to the same length: a model where
-only some layers run rocket is refused. Prefix caching is switched off (with a warning): a compacted block
-no longer holds the tokens its hash names.
+The block table is shared by all layers, so every layer must compact: a model where only some layers run a
+compacting algorithm is refused. Prefix caching is switched off (with a warning): a compacted block no
+longer holds the tokens its hash names.
 """
 from __future__ import annotations
 
@@ -18,41 +20,49 @@ import logging
 from dataclasses import dataclass
 
 from sparse_llm.configs.params import LayerSparseParams, RocketParams
+from sparse_llm.configs.sparse_more import SnapKVParams
 from sparse_llm.engine.block_manager import BlockManager
 from sparse_llm.engine.scheduler import ScheduledBatch
 
 logger = logging.getLogger(__name__)
+
+# Params of the algorithms that compact the prompt (each has prompt_budget and seq_len_threshold).
+COMPACTING_PARAMS = (RocketParams, SnapKVParams)
 
 
 @dataclass(frozen=True, slots=True)
 class CompactionPolicy:
     prompt_budget: int
     seq_len_threshold: int | None
+    algorithm: str = "rocket"
 
     @classmethod
     def from_layer_params(cls, layer_params: list[LayerSparseParams | None]) -> "CompactionPolicy | None":
-        """The policy of a rocket model, None for any other; clear errors for mixes the shared cache cannot hold."""
-        rocket = [p for p in layer_params if isinstance(p, RocketParams)]
-        if not rocket:
+        """The policy of a compacting model, None for any other; clear errors for mixes the shared cache cannot hold."""
+        compacting = [p for p in layer_params if isinstance(p, COMPACTING_PARAMS)]
+        if not compacting:
             return None
-        other = [i for i, p in enumerate(layer_params) if not isinstance(p, RocketParams)]
+        algorithm = compacting[0].algorithm
+        other = [i for i, p in enumerate(layer_params) if not isinstance(p, COMPACTING_PARAMS)]
         if other:
             raise ValueError(
-                f"algorithm 'rocket' compacts the paged cache that all layers share, so every attention layer must "
+                f"algorithm {algorithm!r} compacts the paged cache that all layers share, so every attention layer must "
                 f"run it; layers {other[:8]} would not (remove them from the checkpoint's ignore list / dense layers)"
             )
-        keys = {(p.prompt_budget, p.seq_len_threshold) for p in rocket}
+        keys = {(p.prompt_budget, p.seq_len_threshold, p.algorithm) for p in compacting}
         if len(keys) != 1:
-            raise ValueError(f"rocket layers must share prompt_budget and seq_len_threshold, got {sorted(keys)}")
-        budget, threshold = keys.pop()
-        return cls(budget, threshold)
+            raise ValueError(
+                f"compacting layers must share prompt_budget, seq_len_threshold and algorithm, got {sorted(keys, key=str)}"
+            )
+        budget, threshold, algorithm = keys.pop()
+        return cls(budget, threshold, algorithm)
 
     def prefix_caching(self, enabled: bool) -> bool:
         """Prefix caching is off under compaction; say so when the user had it on."""
         if enabled:
             logger.warning(
-                "algorithm 'rocket': prefix caching disabled (kv_cache_config.enable_prefix_caching=False), "
-                "because compacted KV blocks cannot be shared between requests"
+                "algorithm %r: prefix caching disabled (kv_cache_config.enable_prefix_caching=False), "
+                "because compacted KV blocks cannot be shared between requests", self.algorithm
             )
         return False
 
@@ -75,6 +85,7 @@ class CompactionPolicy:
 def apply_compaction(block_manager: BlockManager, batch: ScheduledBatch, compact_to: list[int] | None) -> int:
     """After the step ran (num_computed_tokens already advanced): record evictions and free tail blocks.
 
+    compact_to: the step's meta.compact_to after every layer's on_step_end (Ada-SnapKV may have raised it).
     Returns the number of blocks given back.
     """
     if compact_to is None:

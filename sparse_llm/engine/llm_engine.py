@@ -41,10 +41,17 @@ def resolve_max_model_len(args: LlmArgs, max_position_embeddings: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, args: LlmArgs, loaded):
-        """Build an engine around an already loaded model (`models.loader.LoadedModel`); it takes over its layers."""
-        if args.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size}: this engine runs on one device (use 1)")
+    def __init__(self, args: LlmArgs, loaded, runner_factory=None):
+        """Build an engine around an already loaded model (`models.loader.LoadedModel`); it takes over its layers.
+
+        runner_factory(args, loaded, device, max_model_len): the model runner to use instead of ModelRunner
+        (tensor parallelism: see LLMEngine.from_args and sparse_llm/distributed).
+        """
+        if args.tensor_parallel_size != 1 and runner_factory is None:
+            raise ValueError(
+                f"tensor_parallel_size={args.tensor_parallel_size} needs the engine to start its worker processes: "
+                "build it with LLMEngine.from_args / LLM(...), not around an already loaded model"
+            )
         self.args = args
         self.tokenizer = loaded.tokenizer
         self.hf_config = loaded.hf_config
@@ -58,7 +65,7 @@ class LLMEngine:
         batched_tokens = args.max_num_batched_tokens
         if not args.enable_chunked_prefill:
             batched_tokens = max(batched_tokens, self.max_model_len)  # a whole prompt must fit one step
-        self.runner = ModelRunner(args, loaded, self.device, self.max_model_len)
+        self.runner = (runner_factory or ModelRunner)(args, loaded, self.device, self.max_model_len)
         kvc = args.kv_cache_config
         prefix_caching = kvc.enable_prefix_caching
         if self.runner.compaction is not None:
@@ -74,6 +81,15 @@ class LLMEngine:
     def from_args(cls, args: LlmArgs) -> "LLMEngine":
         from sparse_llm.models.loader import load_model
 
+        if args.tensor_parallel_size > 1:
+            from sparse_llm.distributed.launch import launch_tensor_parallel
+
+            loaded, make_runner, workers = launch_tensor_parallel(args)
+            try:
+                return cls(args, loaded, make_runner)
+            except BaseException:
+                workers.shutdown()
+                raise
         device = resolve_device(args.device)
         return cls(args, load_model(args.model, dtype=args.dtype, device=device, tokenizer=args.tokenizer))
 
@@ -168,22 +184,25 @@ class LLMEngine:
         inputs, sampled = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+        self.block_manager.register_full_blocks_of(batch.seqs)
         apply_compaction(self.block_manager, batch, inputs.meta.compact_to)
         if sampled is None:
             return []
         now = time.monotonic()
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = {}  # requests that got a token (only needed for streaming outputs)
+        ended: dict[str, Request] = {}  # requests one of whose sequences finished: the only ones that can be done
         for seq, token, logprobs in zip(inputs.sampling_seqs, sampled.token_ids, sampled.logprobs):
             if seq.num_output_tokens == 0:
                 self.cached_tokens_total += seq.num_cached_tokens or 0
             if append_token(seq, token, logprobs, self.eos_token_ids, now):
                 self._release(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
+                ended[seq.request_id] = self.requests[seq.request_id]
+            if not final_only:
+                touched[seq.request_id] = self.requests[seq.request_id]
         self.generation_tokens_total += len(sampled.token_ids)
         outputs = []
-        for rid, req in touched.items():
-            if req.finished:
+        for rid, req in (ended if final_only else touched).items():
+            if rid in ended and req.finished:
                 req.metrics.finished_time = now
                 del self.requests[rid]
             elif final_only:
@@ -216,4 +235,5 @@ class LLMEngine:
             cached_tokens_total=self.cached_tokens_total,
             sparsity=self.runner.global_sparsity(),
             layer_sparsity=self.runner.layer_sparsity(),
+            pre_skipped=self.runner.global_pre_skip(),
         )

@@ -20,7 +20,7 @@ from sparse_llm.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from sparse_llm.engine.sampling_params import SamplingParams
 from sparse_llm.engine.scheduler import ScheduledBatch
 from sparse_llm.engine.sequence import Sequence
-from sparse_llm.engine.step_inputs import StepInputs, build_step_inputs
+from sparse_llm.engine.step_inputs import StepInputBuilder, StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class ModelRunner:
         self.block_size = args.kv_cache_config.block_size
         self.dtype = next(self.model.parameters()).dtype
 
-        self.layer_params = resolve(args.sparse_attention_config, loaded.hf_config, loaded.checkpoint_meta, loaded.layer_specs)
+        self.layer_params = self.resolve_layer_params(loaded)
         warn_ineffective_factors(self.layer_params, max_model_len)
         self.backends = create_backends(loaded.layer_specs, self.layer_params, args.attention_backend, device)
         self.collect_stats = any(p is not None for p in self.layer_params)
@@ -44,12 +44,17 @@ class ModelRunner:
         for layer, backend in zip(self.layers, self.backends, strict=True):
             layer.backend, layer.cache = backend, {}
         self.sampler = Sampler(device, args.seed)
+        self.input_builder = StepInputBuilder(self.block_size, device, self.collect_stats)
         self.graphs: DecodeGraphs | None = None
         try:
             self._setup_caches_and_graphs()
         except BaseException:
             self.detach()  # a failed build leaves the model as it was
             raise
+
+    def resolve_layer_params(self, loaded) -> list:
+        """Per-layer sparse params (None = dense); the tensor-parallel runner narrows them to its own heads."""
+        return resolve(self.args.sparse_attention_config, loaded.hf_config, loaded.checkpoint_meta, loaded.layer_specs)
 
     def _setup_caches_and_graphs(self) -> None:
         args, device = self.args, self.device
@@ -147,7 +152,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[StepInputs, SamplerOutput | None]:
         """Compute the batch's new tokens; sample for sequences whose last token was computed."""
-        inputs = build_step_inputs(batch, self.block_size, self.device, self.collect_stats)
+        inputs = self.input_builder.build(batch)
         if self.compaction is not None:
             inputs.meta.compact_to = self.compaction.targets(batch)
         hidden = self._forward(inputs)
@@ -157,7 +162,7 @@ class ModelRunner:
                 seq.work[phase][1] += skipped
         if not inputs.sampling_seqs:
             return inputs, None
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        logits = self.model.compute_logits(hidden if inputs.samples_every_token else hidden[inputs.sample_rows])
         seqs = inputs.sampling_seqs
         out = self.sampler(logits, SamplingBatch([s.params for s in seqs], [s.generator for s in seqs]))
         return inputs, out
@@ -185,4 +190,13 @@ class ModelRunner:
             total = sum(b.stats.total[phase] for b, p in zip(self.backends, self.layer_params) if p is not None)
             skipped = sum(b.stats.skipped[phase] for b, p in zip(self.backends, self.layer_params) if p is not None)
             out[phase] = skipped / total if total else None
+        return out
+
+    def global_pre_skip(self) -> dict[str, float | None]:
+        """Fraction of visited tiles skipped before QK^T by the key-bound pre-check (already in the sparsity)."""
+        out: dict[str, float | None] = {}
+        for phase in ("prefill", "decode"):
+            sparse = [b for b, p in zip(self.backends, self.layer_params) if p is not None]
+            total = sum(b.stats.total[phase] for b in sparse)
+            out[phase] = sum(b.stats.pre_skipped[phase] for b in sparse) / total if total else None
         return out

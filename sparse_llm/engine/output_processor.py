@@ -8,21 +8,23 @@ from sparse_llm.engine.sequence import Request, Sequence
 
 def append_token(seq: Sequence, token_id: int, logprobs: dict[int, float] | None, eos_token_ids: frozenset[int], now: float) -> bool:
     """Add one sampled token to seq; returns True when the sequence is now finished (reason set on seq)."""
-    seq.token_ids.append(token_id)
+    tokens = seq.token_ids
+    tokens.append(token_id)
     if seq.first_token_time is None:
         seq.first_token_time = now
     seq.last_token_time = now
-    if seq.logprobs is not None and logprobs is not None:
+    if logprobs is not None and seq.logprobs is not None:
         seq.logprobs.append(logprobs)
     p = seq.params
+    # (runs for every sequence every step: plain attribute reads, the detokenizer only when it checks stops)
     stop_str = seq.detokenizer.add_token(token_id)
     if stop_str is not None:
         seq.finish_reason, seq.stop_reason = "stop", stop_str
-    elif token_id in p.stop_token_ids:
+    elif p.stop_token_ids and token_id in p.stop_token_ids:
         seq.finish_reason, seq.stop_reason = "stop", token_id
     elif not p.ignore_eos and token_id in eos_token_ids:
         seq.finish_reason = "stop"
-    elif seq.num_tokens >= seq.max_num_tokens:
+    elif len(tokens) >= seq.max_num_tokens:
         seq.finish_reason = "length"
     return seq.finish_reason is not None
 

@@ -72,6 +72,8 @@ class EngineStats:
     cached_tokens_total: int
     sparsity: dict[str, float | None]  # over all sparse layers and requests so far
     layer_sparsity: dict[int, dict[str, float | None]]  # sparse layers only
+    # Of all visited tiles, the fraction the prefill key-bound pre-check skipped before QK^T (part of `sparsity`).
+    pre_skipped: dict[str, float | None] = field(default_factory=lambda: {"prefill": None, "decode": None})
 
     @property
     def kv_usage(self) -> float:

@@ -54,22 +54,22 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         picked: list[tuple[Sequence, int]] = []
-        preempted = False
+        preemptions_before = self.num_preemptions
+        block_size = self.block_manager.block_size
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.ensure_blocks(seq, seq.num_kv_tokens + n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                picked.append((seq, n))
-                budget -= n
-                i += 1
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            # Most steps the tokens fit the blocks seq already holds (a decode needs a new one every block_size
+            # steps): skip the block manager then, this loop runs for every running sequence every step.
+            fits = seq.num_computed_tokens - seq.num_evicted_tokens + n <= len(seq.block_table) * block_size
+            if not fits and not self._reserve(seq, n):
+                continue  # seq itself was preempted
+            picked.append((seq, n))
+            budget -= n
+            i += 1
+        preempted = self.num_preemptions != preemptions_before
 
         # New work only when nothing had to be preempted (otherwise we would thrash).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -105,6 +105,16 @@ class Scheduler:
         ordered = prefills + decodes
         phases = ["prefill"] * len(prefills) + ["decode"] * len(decodes)
         return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(prefills), phases)
+
+    def _reserve(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Blocks for seq's next tokens, preempting the newest running sequences until they fit;
+        False when seq itself had to be preempted."""
+        while not self.block_manager.ensure_blocks(seq, seq.num_kv_tokens + num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

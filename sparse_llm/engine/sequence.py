@@ -10,6 +10,7 @@ import enum
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sparse_llm.backends.base import PHASES
@@ -55,6 +56,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # hash chain of the full blocks registered so far
+        self._table_list: list[int] | None = None  # the block_table list _table_array was built from
+        self._table_array = np.zeros(0, dtype=np.int32)
         self.num_computed_tokens = 0
         # Tokens dropped from the paged cache by prompt compression (RocketKV): the cache holds
         # num_computed_tokens - num_evicted_tokens tokens, while positions keep counting (engine/compaction.py).
@@ -89,9 +92,19 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def block_table_array(self) -> np.ndarray:
+        """block_table as int32, rebuilt only when it changed (a new block every block_size tokens), so a step
+        does not convert every sequence's whole table again. The block manager only appends to a table or
+        replaces it with a new list, so the list's identity and length tell whether the array is current."""
+        t = self.block_table
+        if t is not self._table_list or len(t) != len(self._table_array):
+            self._table_list, self._table_array = t, np.array(t, dtype=np.int32)
+        return self._table_array
+
     def is_decode_step(self, num_new_tokens: int) -> bool:
         """One new token after at least one generated one: a decode (a 1-token prompt tail is still prefill)."""
-        return num_new_tokens == 1 and self.num_output_tokens > 0 and self.num_computed_tokens == self.num_tokens - 1
+        num_tokens = len(self.token_ids)  # (no property calls: the scheduler asks this for every sequence, every step)
+        return num_new_tokens == 1 and num_tokens > self.num_prompt_tokens and self.num_computed_tokens == num_tokens - 1
 
     def phase(self, num_new_tokens: int) -> str:
         return "decode" if self.is_decode_step(num_new_tokens) else "prefill"

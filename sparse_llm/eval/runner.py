@@ -52,13 +52,20 @@ def evaluate(
     output_dir: str | Path | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    samples: list[Sample] | None = None,
 ) -> dict[str, Any]:
-    """Score `llm` on a task; returns the summary (also written with the predictions when output_dir is set)."""
+    """Score `llm` on a task; returns the summary (also written with the predictions when output_dir is set).
+
+    samples: inputs already built by `make_samples` for this task, length, count and seed (a sweep builds them once
+    for all its configs); None builds them here."""
     from sparse_llm import SamplingParams
 
     task = get_task(task_name, max_input_length)
     t0 = time.perf_counter()
-    samples = make_samples(task, llm.tokenizer, num_samples, seed, progress)
+    if samples is None:
+        samples = make_samples(task, llm.tokenizer, num_samples, seed, progress)
+    elif len(samples) != num_samples or any(s.task != task.name for s in samples):
+        raise ValueError(f"evaluate: the {len(samples)} prebuilt samples are not {num_samples} samples of {task.name!r}")
     t_build = time.perf_counter() - t0
     params = SamplingParams(max_tokens=max_tokens or task.max_tokens, temperature=0.0)
     t0 = time.perf_counter()

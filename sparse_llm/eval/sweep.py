@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from sparse_llm.eval.runner import evaluate
+from sparse_llm.eval.runner import evaluate, make_samples
+from sparse_llm.eval.tasks import get_task
 
 
 def run_sweep(
@@ -24,12 +25,17 @@ def run_sweep(
         raise ValueError("eval sweep needs at least one config (--configs) and one task (--tasks)")
     out = Path(output_dir)
     rows = []
+    built: dict[tuple, list] = {}  # (task, model, tokenizer) -> samples: configs of one model share the inputs
     for cfg in configs:
         name = config_name(cfg)
         llm = make_llm(cfg)
         try:
             for task in tasks:
-                s = evaluate(llm, task, max_input_length, num_samples, seed, out / name / task, max_tokens, progress)
+                key = (task, llm.args.model, llm.args.tokenizer)
+                if key not in built:
+                    built[key] = make_samples(get_task(task, max_input_length), llm.tokenizer, num_samples, seed, progress)
+                s = evaluate(llm, task, max_input_length, num_samples, seed, out / name / task, max_tokens, progress,
+                             samples=built[key])
                 rows.append({"config": name, "config_path": cfg, "task": task, "metric": s["metric"],
                              "accuracy": s["accuracy"], "sparsity": s["sparsity"],
                              "generate_seconds": s["generate_seconds"]})

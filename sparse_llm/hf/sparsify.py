@@ -78,7 +78,7 @@ def skip_softmax_attention_forward(module, query, key, value, attention_mask, sc
         if phase == "prefill":
             o, total, skipped = skip_softmax_prefill_reference(qi, ki, vi, scale, log_lam)
         else:
-            split = decode_split_tiles(kv_len, 1, ki.shape[1], num_sms(query.device), DECODE_BLOCK_N)
+            split = decode_split_tiles(kv_len, 1, ki.shape[1], num_sms(query.device), DECODE_BLOCK_N, skip=True)
             o, counts = skip_softmax_decode_reference(qi, ki[None], vi[None], torch.tensor([kv_len]), scale,
                                                       torch.tensor([log_lam]), split)
             total, skipped = int(counts[0, 0]), int(counts[0, 1])

@@ -6,9 +6,14 @@ its tile, padded to 16 for tl.dot), keeping its own running max. A second small 
 splits by log-sum-exp (skipped when there is a single split: the first kernel then writes the output).
 
 Skip-softmax (IS_SKIP constexpr): a tile is skipped when, for every one of the group's heads,
-tile_rowmax - m < log2(λ); it then loads no V and does no exp / P·V. The first tile of each split
-has m = -inf and is never skipped. Torch reference: backends/skip_softmax_torch.py
-(`skip_softmax_decode_reference`), which takes the same `split_tiles`.
+tile_rowmax - m < log2(λ); it then loads no V and does no exp / P·V. Sink-seeded splits: before its
+loop every program computes the row max of the sequence's FIRST KV tile (tile 0, usually the attention
+sink) and starts its running max there (l = 0, acc = 0: only split 0 accumulates tile 0's P·V, in its
+loop). Without the seed each split's first tile met m = -inf and could never be skipped, which capped
+decode sparsity near 1 - 1/split_tiles. Any starting max keeps online softmax exact; only split 0's
+tile 0 is never skipped. A split that skips all its tiles has l = 0 and writes o = 0, lse = -inf, which
+the merge weighs 0. Torch reference: backends/skip_softmax_torch.py (`skip_softmax_decode_reference`),
+which takes the same `split_tiles`.
 """
 from __future__ import annotations
 
@@ -70,6 +75,13 @@ def _decode_kernel(
         log2_lam = float("-inf")
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    if IS_SKIP:  # sink seed: the running max starts at tile 0's row max (one extra K tile, shared in L2)
+        seed_ok = offs_n < kv_len
+        seed_page = tl.load(bt_row + offs_n // PAGE_SIZE, mask=seed_ok, other=0)
+        seed_off = seed_page.to(tl.int64) * stride_cb + (offs_n % PAGE_SIZE) * stride_cp
+        k0 = tl.load(k_base + seed_off[:, None] + offs_d[None, :], mask=seed_ok[:, None], other=0.0)
+        qk0 = tl.dot(q, tl.trans(k0), input_precision=DOT_PRECISION)
+        m_i = tl.max(tl.where(seed_ok[None, :], qk0, float("-inf")), 1) * qk_scale
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     n_skip = tl.zeros([], tl.int32)
@@ -86,7 +98,7 @@ def _decode_kernel(
         process = True
         if IS_SKIP:
             gap = tl.where(head_ok, m_tile - m_i, float("-inf"))
-            process = tl.max(gap, 0) >= log2_lam
+            process = (tl.max(gap, 0) >= log2_lam) | (t == 0)  # tile 0 is never skipped
         if process:
             v = tl.load(k_ptrs + stride_ckv, mask=kv_ok[:, None], other=0.0)
             m_new = tl.maximum(m_i, m_tile)
@@ -99,14 +111,15 @@ def _decode_kernel(
         else:
             n_skip += 1
 
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0: every tile of the split skipped, acc = 0
     if SINGLE_SPLIT:
         o_ptrs = O + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=head_ok[:, None])
     else:
         part = seq.to(tl.int64) * stride_pt + heads * stride_ph + split * stride_ps
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
-        tl.store(LSE_PART + part, m_i + tl.math.log2(l_i), mask=head_ok)
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=head_ok)
     if COLLECT_STATS:
         tl.atomic_add(STATS + seq * 2, t_hi - t_lo)
         tl.atomic_add(STATS + seq * 2 + 1, n_skip)
@@ -159,7 +172,8 @@ def paged_decode(
     """Attention of one query token per sequence, q [B, H, D], over the paged cache; returns [B, H, D].
 
     seq_lens [B] (KV lengths incl. the query token), block_tables [B, max_blocks]; max_kv_len >=
-    max(seq_lens) sizes the split grid. split_tiles defaults to `decode_split_tiles(...)` on q's device.
+    max(seq_lens) sizes the split grid. split_tiles defaults to `decode_split_tiles(...)` on q's device
+    (the skip policy when log_lambda is given).
     log_lambda [B] (natural log λ, -inf = off) turns skip-softmax on; stats [B, 2] int32, if given,
     receives += (visited, skipped) tiles summed over KV heads.
     """
@@ -180,7 +194,7 @@ def paged_decode(
     if b == 0:
         return out
     if split_tiles is None:
-        split_tiles = decode_split_tiles(max_kv_len, b, hkv, num_sms(q.device), block_n)
+        split_tiles = decode_split_tiles(max_kv_len, b, hkv, num_sms(q.device), block_n, skip=log_lambda is not None)
     if split_tiles < 1:
         raise ValueError(f"split_tiles={split_tiles} must be >= 1")
     num_splits = cdiv(cdiv(max_kv_len, block_n), split_tiles)

@@ -7,8 +7,9 @@ folded into w, and the dot runs fp8 x fp8 -> fp32 as in DeepSeek-V3.2's fp8_inde
 (scale = 1). The per-token scale is positive, so it factors out of the ReLU and the head sum.
 Entries s >= n_valid[r] are left unwritten: the top-k kernel never reads them.
 
-Grid: (rows, spans); a program loads its row's queries once ([H, D], the MMA's M side) and walks TILES tiles
-of BLOCK_N keys, each a [H, D] x [D, BLOCK_N] dot, ReLU, then a weighted reduction over heads.
+Grid: (rows, spans); a program loads its row's queries once ([H, D]) and walks TILES tiles of BLOCK_N keys,
+each a [H, D] x [D, BLOCK_N] dot (or [BLOCK_N, D] x [D, H] with KEYS_AS_M), ReLU, then a weighted reduction
+over heads.
 The torch oracle is sparse_llm.backends.dsa_torch.indexer_logits_ref.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _indexer_logits_kernel(
     stride_qr, stride_qh, stride_wr, stride_kb, stride_kt, stride_sb, stride_bt, stride_or,
     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, HAS_SCALE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    KEYS_AS_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     span_start = tl.program_id(1) * (BLOCK_N * TILES)
@@ -46,8 +47,12 @@ def _indexer_logits_kernel(
             offset = offs_n % PAGE
             k = tl.load(K_CACHE + block[:, None] * stride_kb + offset[:, None] * stride_kt + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-            logits = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
+            if KEYS_AS_M:  # keys on the MMA's M side: the head sum stays within a warp's registers
+                s = tl.dot(k.to(q.dtype), tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_H]
+                logits = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)
+            else:  # heads on M: the head sum crosses the warps of the warpgroup
+                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+                logits = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
             if HAS_SCALE:
                 logits = logits * tl.load(K_SCALE + block * stride_sb + offset, mask=n_mask, other=0.0)
             tl.store(OUT + r * stride_or + offs_n, logits, mask=n_mask)
@@ -66,7 +71,10 @@ def indexer_logits(
     tiles: int | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    keys_as_m: bool = False,
 ) -> torch.Tensor:  # float32 [R, max_len]
+    """`keys_as_m` computes k . q^T ([BLOCK_N, heads]) instead of q . k^T, so the weighted ReLU sum over heads
+    reduces along the MMA's N axis (in registers) rather than across warps."""
     R, H, D = q.shape
     fp8 = torch.float8_e4m3fn
     if (k_cache.dtype == fp8) != (k_scale is not None) or (q.dtype == fp8) != (k_cache.dtype == fp8):
@@ -77,7 +85,12 @@ def indexer_logits(
     out = torch.empty(R, max(max_len, 1), dtype=torch.float32, device=q.device)
     if R == 0 or max_len == 0:
         return out
-    # From a sweep on an H100 (`dsa_decode.py --tune`): 128-key tiles, 2 per program, 4 warps, 2 stages.
+    if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"indexer_logits: block_n={block_n} must be a power of two >= 16")
+    for name, value in (("tiles", tiles), ("num_stages", num_stages), ("num_warps", num_warps)):
+        if value is not None and value < 1:
+            raise ValueError(f"indexer_logits: {name}={value} must be >= 1")
+    # From a sweep on an H100 (session 1): 128-key tiles, 2 per program, 4 warps, 2 stages.
     block_n = block_n or (16 if interpreting() else 128)
     tiles = tiles or (1 if interpreting() else 2)
     num_stages = num_stages or (1 if interpreting() else 2)
@@ -90,7 +103,7 @@ def indexer_logits(
         q.stride(0), q.stride(1), weights.stride(0), k_cache.stride(0), k_cache.stride(1),
         scale.stride(0), block_tables.stride(0), out.stride(0),
         H=H, D=D, BLOCK_H=block_h, BLOCK_D=block_d, PAGE=k_cache.shape[1], BLOCK_N=block_n, TILES=tiles,
-        HAS_SCALE=k_scale is not None, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_SCALE=k_scale is not None, KEYS_AS_M=keys_as_m, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -7,7 +7,9 @@ to both sides). Pure Python: importing this module does not import Triton.
 
 Processing order: KV tiles in ascending key order. Prefill: one program per (query tile of BLOCK_M
 rows, query head); decode: one program per (KV head, sequence, split of `split_tiles` tiles), each
-split with its own running max (flash-decoding), the rows being the group's query heads.
+split with its own running max (flash-decoding), the rows being the group's query heads. With
+skip-softmax on, every decode split seeds its running max with the row max of the sequence's first
+KV tile ("sink-seeded splits", kernels/decode.py), so only split 0's tile 0 is never skipped.
 """
 from __future__ import annotations
 
@@ -17,14 +19,19 @@ import torch
 
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 128
+# Relative widening of the key min/max box in the prefill bound pre-skip (kernels/prefill.py): it must exceed
+# the rounding of the box to bf16 (2^-8) plus tf32 / fp32 accumulation error, so ub >= the kernel's score.
+PREFILL_BOUND_WIDEN = 2.0 ** -6
 DECODE_BLOCK_N = 64
 SUPPORTED_HEAD_DIMS = (64, 128)
 # SM count assumed where there is no GPU (CPU reference, Triton interpreter): an H100 / H200.
 DEFAULT_NUM_SMS = 132
 # Enough programs to keep every SM busy with a few resident programs each.
 DECODE_PROGRAMS_PER_SM = 4
-# A split shorter than this wastes its first (never skipped) tile and its merge traffic.
+# A split shorter than this spends too much on its merge traffic.
 DECODE_MIN_SPLIT_TILES = 4
+# With skip-softmax every split also reads the sink tile to seed its running max: longer splits amortise it.
+DECODE_MIN_SPLIT_TILES_SKIP = 8
 
 
 def cdiv(a: int, b: int) -> int:
@@ -40,12 +47,13 @@ def num_sms(device: torch.device | str) -> int:
 
 
 def decode_split_tiles(
-    max_kv_len: int, num_seqs: int, num_kv_heads: int, sms: int, block_n: int = DECODE_BLOCK_N
+    max_kv_len: int, num_seqs: int, num_kv_heads: int, sms: int, block_n: int = DECODE_BLOCK_N, skip: bool = False
 ) -> int:
     """KV tiles per decode split: enough splits that batch × kv_heads × splits fills the GPU.
 
-    The decode skip decisions depend on this (each split starts with its own running max), so the
-    Triton backend and the torch reference both call this with the same inputs.
+    The decode skip decisions depend on this (each split keeps its own running max), so the Triton
+    backend, the torch reference and calibration all call this with the same inputs; `skip` (the
+    skip-softmax build) raises the minimum split length to DECODE_MIN_SPLIT_TILES_SKIP.
     """
     if max_kv_len < 1 or num_seqs < 1 or num_kv_heads < 1:
         raise ValueError(
@@ -54,7 +62,8 @@ def decode_split_tiles(
         )
     tiles = cdiv(max_kv_len, block_n)
     want_splits = max(1, cdiv(DECODE_PROGRAMS_PER_SM * sms, num_seqs * num_kv_heads))
-    return min(tiles, max(DECODE_MIN_SPLIT_TILES, cdiv(tiles, want_splits)))
+    min_tiles = DECODE_MIN_SPLIT_TILES_SKIP if skip else DECODE_MIN_SPLIT_TILES
+    return min(tiles, max(min_tiles, cdiv(tiles, want_splits)))
 
 
 def check_head_dim(head_dim: int) -> None:

@@ -13,8 +13,16 @@ import torch
 from torch import nn
 
 from sparse_llm.backends.base import LayerSpec
+from sparse_llm.distributed.group import build_group
+from sparse_llm.distributed.layers import (
+    ColumnParallelMergedLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    local_size,
+)
 from sparse_llm.models.attention import Attention
-from sparse_llm.models.layers import Embedding, Linear, MergedLinear, RMSNorm, silu_and_mul
+from sparse_llm.models.layers import RMSNorm, silu_and_mul
 from sparse_llm.models.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -49,12 +57,17 @@ def check_supported(config) -> None:
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, options: AttentionOptions):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        group = build_group()  # tensor parallelism: this rank owns whole KV heads and the q heads of their groups
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.num_heads = local_size(total_heads, group, "num_attention_heads")
+        self.num_kv_heads = local_size(total_kv_heads, group, "num_key_value_heads")
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, options.qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, options.o_bias)
+        q_size, kv_size = total_heads * self.head_dim, total_kv_heads * self.head_dim
+        self.qkv_proj = ColumnParallelMergedLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, options.qkv_bias, group, "qkv_proj"
+        )
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, options.o_bias, group, "o_proj")
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if options.qk_norm else None
         self.attn = Attention(
@@ -85,8 +98,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         inter = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": inter, "up": inter}, bias)
-        self.down_proj = Linear(inter, config.hidden_size, bias)
+        group = build_group()
+        self.gate_up_proj = ColumnParallelMergedLinear(config.hidden_size, {"gate": inter, "up": inter}, bias, group, "gate_up_proj")
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias, group, "down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -108,7 +122,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, options: AttentionOptions):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, build_group())
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, options) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config))
@@ -144,14 +158,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config, self.attention_options(config))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        tied = self.model.embed_tokens.weight if self.tie_word_embeddings else None
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, weight=tied)
+        tied = self.model.embed_tokens if self.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, build_group(), tied)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """float32 logits [T, vocab]; under tensor parallelism only rank 0 gets them (None elsewhere)."""
+        logits = self.lm_head(hidden)
+        return None if logits is None else logits.float()
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

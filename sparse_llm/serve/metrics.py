@@ -57,6 +57,14 @@ class EngineStatsCollector(Collector):
             if value is not None:
                 phase.add_metric([self._model, name], value)
         yield phase
+        pre = GaugeMetricFamily(
+            P + "pre_skipped_fraction", "Of all attention tiles, the fraction skipped before QK^T by the key bound "
+            "(bound_skip; included in achieved_sparsity).", labels=m + ["phase"],
+        )
+        for name, value in s.pre_skipped.items():
+            if value is not None:
+                pre.add_metric([self._model, name], value)
+        yield pre
         layer = GaugeMetricFamily(
             P + "layer_achieved_sparsity", "Skipped / total attention work of one sparse layer so far.",
             labels=m + ["layer", "phase"],

@@ -1,0 +1,248 @@
+"""Page-sparse decode step (RocketKV, Quest per-KV-head) vs dense paged decode, as the Triton backends run it.
+
+The timed sparse step is the whole decode attention of one layer: page scores from the paged min/max cache
+(Triton), top-k pages per KV head (Triton sorts of per-chunk candidates), page-sparse attention (Triton, K/V read once per GQA
+group), i.e. `backends.page_select.page_sparse_step`. Dense baselines: our split-KV Triton decode and
+FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when installed). Every step is captured in a CUDA graph and
+timed by replay (triton.testing.do_bench, median): launch overhead excluded, as in a graph-captured engine.
+
+Shapes: H=32, Hkv=8, D=128, bf16 K/V, KV block 16 tokens in shuffled order, every sequence at kv_len.
+RocketKV at its defaults (topr=128 = all channels, topk=64 pages of 4 tokens, float8_e5m2 KT cache), decoding
+over an uncompacted kv_len context (the worst case; with prompt compression the context is prompt_budget).
+Quest: 2K token budget in 16-token pages (127 ranked pages + the current one per KV head), bf16 min/max.
+K/V are random (selection cost and attention cost do not depend on the values; achieved page sparsity is
+fixed by the budget and reported from the kernel's own page lists).
+
+Correctness first, on a small shape with the same head layout: the Triton selection vs the torch reference
+(`rocket_select.select_pages`, same pages up to near-ties) and the Triton output vs float64 attention over
+the Triton-selected pages.
+
+    python benchmarks/sparse_decode.py                        # GPU: 32K and 128K, batch 1 and 16 (~2 min)
+    TRITON_INTERPRET=1 python benchmarks/sparse_decode.py --cpu-smoke   # CPU: tiny shapes, no speed
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:  # must precede the Triton import: kernels run in the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparse_llm.backends.base import AttentionMetadata  # noqa: E402
+from sparse_llm.backends.page_select import page_sparse_step  # noqa: E402
+from sparse_llm.backends.rocket_select import select_pages  # noqa: E402
+from sparse_llm.kernels.decode import paged_decode  # noqa: E402
+from sparse_llm.kernels.page_scores import group_page_scores, select_top_pages  # noqa: E402
+from sparse_llm.kernels.page_sparse_decode import page_sparse_decode, page_sparse_decode_reference  # noqa: E402
+
+BLOCK = 16
+
+
+def make_cache(b, n, hkv, d, dtype, device, seed=0):
+    """Random K/V [blocks, 2, BLOCK, Hkv, D] for b sequences of n tokens, blocks in shuffled order."""
+    nb = -(-n // BLOCK)
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache = torch.randn(b * nb, 2, BLOCK, hkv, d, dtype=dtype, device=device, generator=g)
+    perm = torch.randperm(b * nb, device=device, generator=g).to(torch.int32)
+    return cache, perm.view(b, nb)
+
+
+def minmax_views(cache, page_size, dtype):
+    """(lo, hi) [blocks, BLOCK // page_size, Hkv, D] of the keys of every page of every block (one allocation:
+    RocketKV's KT layout [blocks, 2, pages_per_block, Hkv, D])."""
+    k = cache[:, 0].float()
+    nb, _, hkv, d = k.shape
+    kp = k.view(nb, BLOCK // page_size, page_size, hkv, d)
+    kt = torch.stack([kp.amin(2), kp.amax(2)], 1).to(dtype).contiguous()
+    return kt[:, 0], kt[:, 1]
+
+
+def graph_us(fn, device, reps) -> float:
+    """Median microseconds of fn replayed from a CUDA graph (one eager run first: compiles the kernels)."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return 1e3 * float(triton.testing.do_bench(graph.replay, warmup=25, rep=reps, return_mode="median"))
+
+
+def algorithms(args):
+    """name -> (page_size, min/max dtype, ranked pages k, topr)."""
+    return {
+        "rocket": (args.rocket_page, torch.float8_e5m2, args.rocket_topk, args.head_dim),
+        "quest_kv_head": (args.quest_page, torch.bfloat16, args.quest_budget // args.quest_page - 1, args.head_dim),
+    }
+
+
+def check_correctness(args, device, dtype) -> dict:
+    """Small shape: Triton selection vs torch reference; Triton output vs float64 over the same pages."""
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    lens = [4099, 1000, 77] if device.type == "cuda" else [300, 77]
+    b, n = len(lens), max(lens)
+    cache, tables = make_cache(b, n, hkv, d, dtype, device, seed=1)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    q = torch.randn(b, h, d, dtype=dtype, device=device)
+    scale = d ** -0.5
+    res = {"ok": True}
+    for name, (ps, mm_dtype, k, topr) in algorithms(args).items():
+        k = min(k, 8) if device.type != "cuda" else k
+        lo, hi = minmax_views(cache, ps, mm_dtype)
+        max_pages = -(-n // ps)
+        out, pages = page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale)
+        # torch reference selection on the same min/max values
+        p = torch.arange(max_pages, device=device)
+        blk = tables.long()[:, (p // (BLOCK // ps)).clamp(max=tables.shape[1] - 1)]
+        kmin, kmax = lo[blk, p % (BLOCK // ps)].double(), hi[blk, p % (BLOCK // ps)].double()
+        n_pages = (seq_lens.long() + ps - 1) // ps
+        want = select_pages(q.double(), kmin, kmax, n_pages, topr, k, scale)
+        got = torch.zeros(b, hkv, max_pages + 1, dtype=torch.bool, device=device)  # last column: the -1 slots
+        got.scatter_(-1, torch.where(pages >= 0, pages, max_pages).long(), True)
+        got = got[..., :max_pages]
+        got[torch.arange(b, device=device), :, n_pages - 1] = True
+        agree = float((got & want).sum() / want.sum())  # selected pages in common (near-ties may flip)
+        ref = page_sparse_decode_reference(q, cache, pages, tables, seq_lens, ps, scale)
+        err = float((out.double() - ref).abs().max())
+        ok = err < (2e-2 if dtype != torch.float32 else 1e-4) and agree >= 0.98
+        res[name] = {"pages_shared_with_torch": agree, "max_abs_err_vs_float64": err, "ok": ok}
+        res["ok"] &= ok
+    return res
+
+
+def bench_one(n, b, args, device, dtype, planner) -> dict:
+    h, hkv, d = args.heads, args.kv_heads, args.head_dim
+    scale = d ** -0.5
+    cache, tables = make_cache(b, n, hkv, d, dtype, device)
+    seq_lens = torch.full((b,), n, dtype=torch.int32, device=device)
+    q = torch.randn(b, h, d, dtype=dtype, device=device)
+    out = torch.empty_like(q)
+    row = {"kv_len": n, "batch": b, "kv_bytes": b * n * hkv * d * 2 * cache.element_size()}
+    row["dense_ours_us"] = graph_us(lambda: paged_decode(q, cache, seq_lens, tables, n, scale, out=out), device, args.reps)
+    if planner is not None:
+        meta = AttentionMetadata(0, 0, torch.arange(b + 1, dtype=torch.int32, device=device), seq_lens, 1, n,
+                                 torch.full((b,), -1, dtype=torch.int64, device=device), tables, BLOCK,
+                                 seq_lens_cpu=[n] * b, query_lens_cpu=[1] * b)
+        planner.plan(meta, BLOCK)
+        try:
+            row["dense_flashinfer_us"] = graph_us(lambda: planner.decode.run(q, cache), device, args.reps)
+            row["flashinfer_timing"] = "cuda_graph"
+        except RuntimeError as e:  # a wrapper not built for graph capture: time it eagerly, and say so
+            torch.cuda.synchronize()
+            row["dense_flashinfer_us"] = 1e3 * float(triton.testing.do_bench(
+                lambda: planner.decode.run(q, cache), rep=args.reps, return_mode="median"))
+            row["flashinfer_timing"] = f"eager (graph capture failed: {str(e)[:120]})"
+    dense = min(row["dense_ours_us"], row.get("dense_flashinfer_us", float("inf")))
+    for name, (ps, mm_dtype, k, topr) in algorithms(args).items():
+        lo, hi = minmax_views(cache, ps, mm_dtype)
+        max_pages = -(-n // ps)
+
+        def step():
+            return page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale, out=out)  # noqa: B023
+
+        _, pages = step()
+        attended = int((pages >= 0).sum()) + b * hkv  # listed pages plus the current ones
+        r = {
+            "page_size": ps, "minmax_dtype": str(mm_dtype).replace("torch.", ""), "ranked_pages_k": k,
+            "page_sparsity": 1 - attended / (b * hkv * max_pages),
+            "step_us": graph_us(step, device, args.reps),
+            "select_us": graph_us(lambda: select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, scale, k), device, args.reps),  # noqa: B023,E501
+            "scores_only_us": graph_us(lambda: group_page_scores(q, lo, hi, tables, seq_lens, ps, max_pages, scale), device, args.reps),  # noqa: B023,E501
+            "attention_us": graph_us(lambda: page_sparse_decode(q, cache, pages, tables, seq_lens, ps, scale, out=out), device, args.reps),  # noqa: B023,E501
+        }
+        r["speedup_vs_best_dense"] = dense / r["step_us"]
+        r["speedup_vs_dense_ours"] = row["dense_ours_us"] / r["step_us"]
+        row[name] = r
+        del lo, hi
+    del cache
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def table(rows) -> str:
+    lines = ["kv_len batch | dense ours / FI us | rocket us (x best dense) [select, attn] | quest-kvh us (x) [select, attn]"]
+    for r in rows:
+        fi = r.get("dense_flashinfer_us")
+        ro, qu = r["rocket"], r["quest_kv_head"]
+        lines.append(
+            f"{r['kv_len']:>6} {r['batch']:>5} | {r['dense_ours_us']:8.1f} / {fi if fi is None else round(fi, 1)} | "
+            f"{ro['step_us']:7.1f} ({ro['speedup_vs_best_dense']:.2f}x) [{ro['select_us']:.1f}, {ro['attention_us']:.1f}] | "
+            f"{qu['step_us']:7.1f} ({qu['speedup_vs_best_dense']:.2f}x) [{qu['select_us']:.1f}, {qu['attention_us']:.1f}]")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-smoke", action="store_true", help="CPU + TRITON_INTERPRET=1, tiny shapes, no speed")
+    ap.add_argument("--lens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--reps", type=int, default=200, help="do_bench rep time in ms")
+    ap.add_argument("--rocket-topk", type=int, default=64)
+    ap.add_argument("--rocket-page", type=int, default=4)
+    ap.add_argument("--quest-budget", type=int, default=2048)
+    ap.add_argument("--quest-page", type=int, default=16)
+    ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results", "sparse_decode.json"))
+    args = ap.parse_args(argv)
+    args.heads, args.kv_heads, args.head_dim = (8, 2, 64) if args.cpu_smoke else (32, 8, 128)
+    if args.cpu_smoke:
+        args.lens, args.batches, args.rocket_topk, args.quest_budget = [300], [2], 6, 64
+        args.out = os.path.join("benchmarks", "results", "sparse_decode_cpu_smoke.json")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or with --cpu-smoke")
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    planner = None
+    if not (args.cpu_smoke or args.no_flashinfer or importlib.util.find_spec("flashinfer") is None):
+        from sparse_llm.backends.flashinfer_backend import FlashInferPlanner, import_flashinfer
+
+        planner = FlashInferPlanner(import_flashinfer(), device, args.heads, args.kv_heads, args.head_dim,
+                                    args.head_dim ** -0.5, dtype, dtype)
+    result = {
+        "gpu": "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
+                  "dtype": str(dtype).replace("torch.", ""), "kv_block": BLOCK},
+        "config": {"rocket_topk": args.rocket_topk, "rocket_page": args.rocket_page, "rocket_topr": args.head_dim,
+                   "quest_budget": args.quest_budget, "quest_page": args.quest_page},
+    }
+    result["correctness"] = check_correctness(args, device, dtype)
+    print("correctness:", json.dumps(result["correctness"]), flush=True)
+    rows = []
+    if result["correctness"]["ok"]:
+        for n in args.lens:
+            for b in args.batches:
+                rows.append(bench_one(n, b, args, device, dtype, planner))
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
+    result["rows"] = rows
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(table(rows))
+    print(f"wrote {args.out}")
+    return 0 if result["correctness"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""End-to-end decode tokens/s with RocketKV (defaults) vs dense, through the engine, on a long prompt.
+
+A random-weight model of Llama-3-8B's shape (GPU; no download) or SmolLM2's shape (CPU smoke), random prompt
+ids. Runs: dense (CUDA graphs, the engine default), dense eager, rocket (attention_backend auto: Triton on
+CUDA, torch on CPU). Rocket compacts each prompt to prompt_budget tokens per KV head after prefill, then
+decodes with KT-cache page selection; its backend does not capture CUDA graphs, so it runs eager.
+Decode rate = tokens after the first / time from first to last token (benchmarks/engine.py's definition).
+
+    python benchmarks/sparse_decode_e2e.py                         # GPU: 32K prompt, batch 1 and 4, 64 tokens
+    python benchmarks/sparse_decode_e2e.py --device cpu --prompt-len 2200 --batches 1 --gen 4 --out /tmp/e2e.json  # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from engine import LLAMA3_8B, SMOLLM2_SHAPE, CountingTokenizer, ours_decode_rate, random_prompts  # noqa: E402
+
+from sparse_llm.configs.llm_args import LlmArgs  # noqa: E402
+from sparse_llm.configs.sparse import RocketSparseAttentionConfig  # noqa: E402
+from sparse_llm.engine.llm_engine import LLMEngine  # noqa: E402
+from sparse_llm.llm import LLM  # noqa: E402
+from sparse_llm.models.loader import LoadedModel  # noqa: E402
+
+
+def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Our Llama with random weights (normal, std 0.02), without building an HF copy."""
+    import transformers
+
+    from sparse_llm.models.llama import LlamaForCausalLM
+
+    config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.to(device).eval()
+    layers = model.attention_layers()
+    return LoadedModel(
+        model=model, hf_config=config, tokenizer=CountingTokenizer(), checkpoint_meta=None, attention_layers=layers,
+        layer_specs=[layer.spec for layer in layers], eos_token_ids=[], max_position_embeddings=config.max_position_embeddings,
+        source="random weights",
+    )
+
+
+def run(loaded, prompts, gen: int, sparse, eager: bool) -> dict:
+    n = len(prompts[0])
+    args = LlmArgs(
+        model=loaded.source, max_model_len=n + gen + 16, max_num_seqs=len(prompts), max_num_batched_tokens=8192,
+        enforce_eager=eager, sparse_attention_config=sparse,
+        kv_cache_config={"max_tokens": len(prompts) * (n + gen + 64), "enable_prefix_caching": False},
+    )
+    engine = LLMEngine(args, loaded)
+    llm = LLM.from_engine(engine)
+    t = time.perf_counter()
+    rate = ours_decode_rate(llm, prompts, gen)
+    stats = engine.stats()
+    res = {"decode_tok_per_s": rate, "seconds": time.perf_counter() - t,
+           "decode_sparsity": stats.sparsity.get("decode")}
+    del llm, engine
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--prompt-len", type=int, default=32768)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = dict(LLAMA3_8B if device.type == "cuda" else SMOLLM2_SHAPE)
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], a.prompt_len + a.gen + 64)
+    loaded = random_model(shape, device, dtype)
+    result = {"model": "llama3-8b-shape random" if device.type == "cuda" else "smollm2-shape random",
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "prompt_len": a.prompt_len, "gen": a.gen, "rocket": RocketSparseAttentionConfig().model_dump(), "rows": []}
+    for b in a.batches:
+        prompts = random_prompts(b, a.prompt_len, shape["vocab_size"], seed=b)
+        row = {"batch": b}
+        row["dense"] = run(loaded, prompts, a.gen, None, eager=False)
+        if device.type == "cuda":
+            row["dense_eager"] = run(loaded, prompts, a.gen, None, eager=True)
+        row["rocket"] = run(loaded, prompts, a.gen, RocketSparseAttentionConfig(), eager=False)
+        row["rocket_vs_dense"] = row["rocket"]["decode_tok_per_s"] / row["dense"]["decode_tok_per_s"]
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+    out = a.out or str(ROOT / "benchmarks" / "results" / f"sparse_decode_e2e_{device.type}.json")
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Group-reduced page scores from a paged key min/max cache, and the top pages per KV head (Triton).
+
+Decode's critical path for RocketKV and Quest (GQA mode). For decode n, KV head h, page p (page p of
+the sequence lives in block table[p // PPB], page slot p % PPB of the min/max cache):
+    s[n, g, p] = scale * Σ_d max(q_gd lo_pd, q_gd hi_pd) = scale * (max(q_g, 0) · hi_p + min(q_g, 0) · lo_p)
+for the group's query heads g (RocketKV zeroes q outside its top-r channels first: a zero channel adds 0),
+over the "other" pages p < n_pages - 1 (the current page is always attended, so it is not ranked);
+    score[n, h, p] = Σ_g softmax_p(s[n, g, :])[p]      (RocketKV's softmax + group reduce)
+and the selection is the top-k pages of score per (n, h) (ties go to the lower page), plus the current page,
+which the sparse decode kernel adds itself.
+
+Kernels (one program per (decode, KV head, chunk of BLOCK_P pages), the whole GQA group at once, so every
+min/max entry is read once per group):
+  1. `_scores_kernel`: s for the chunk (two tensor-core dots, group rows padded to 16) and the chunk's
+     per-head softmax partials (max, Σ exp).
+  2. `_group_reduce_kernel`: merges the partials of all chunks into each head's (max, Σ exp), then computes
+     the group-reduced score of its chunk and either stores it or sorts the chunk (tl.sort on int64 keys
+     score bits | page) and keeps its best candidates.
+  3. `_top_keys_kernel`: the best k of the candidates per (decode, KV head) in one or two sorting rounds.
+Torch reference: `backends.rocket_select.group_page_scores` / `select_pages`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_llm.kernels.geometry import next_pow2
+from sparse_llm.kernels.tuning import interpreting
+
+
+@triton.jit
+def _scores_kernel(
+    Q, MM, BT, LENS, S, M_PART, L_PART,
+    stride_qn, stride_qh,
+    stride_mb, stride_mp, stride_mk, stride_mh,
+    stride_bt, stride_sn, stride_sh, stride_pn, stride_ph,
+    max_pages, page_size, scale,
+    GROUP: tl.constexpr, PPB: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # grid = (num_decodes, num_kv_heads, cdiv(max_pages, BLOCK_P))
+    n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    chunk = tl.program_id(2)
+    pages = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < GROUP
+    kv_len = tl.load(LENS + n)
+    n_pages = (kv_len + page_size - 1) // page_size
+    other = pages < n_pages - 1  # ranked pages: filled pages before the current one
+    q = tl.load(Q + n.to(tl.int64) * stride_qn + (kvh * GROUP + rows)[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    blk = tl.load(BT + n.to(tl.int64) * stride_bt + pages // PPB, mask=other, other=0).to(tl.int64)
+    base = MM + blk * stride_mb + (pages % PPB) * stride_mp + kvh * stride_mh
+    lo = tl.load(base[:, None] + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)  # [BLOCK_P, D]
+    hi = tl.load(base[:, None] + stride_mk + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)
+    s = tl.dot(tl.maximum(q, 0.0).to(COMPUTE), tl.trans(hi), input_precision=DOT_PRECISION)
+    s = tl.dot(tl.minimum(q, 0.0).to(COMPUTE), tl.trans(lo), s, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_P]
+    s = tl.where(other[None, :], s * scale, float("-inf"))
+    s_ptrs = S + n.to(tl.int64) * stride_sn + (kvh * GROUP + rows)[:, None] * stride_sh + pages[None, :]
+    tl.store(s_ptrs, s, mask=row_ok[:, None] & (pages < max_pages)[None, :])
+    # Softmax partials of this chunk; a chunk with no ranked page has (max, sum) = (-inf, 0).
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.sum(tl.exp(s - m_safe[:, None]), 1)
+    part = n.to(tl.int64) * stride_pn + (kvh * GROUP + rows) * stride_ph + chunk
+    tl.store(M_PART + part, m, mask=row_ok)
+    tl.store(L_PART + part, l, mask=row_ok)
+
+
+@triton.jit
+def _group_reduce_kernel(
+    S, M_PART, L_PART, LENS, OUT, CAND,
+    stride_sn, stride_sh, stride_pn, stride_ph, stride_on, stride_oh, stride_cr,
+    max_pages, num_chunks, page_size,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KC: tl.constexpr, WRITE_SCORES: tl.constexpr,
+):
+    # grid = (num_decodes, num_kv_heads, cdiv(max_pages, BLOCK_P)); score = Σ_g exp(s_g - M_g) / Z_g.
+    # WRITE_SCORES: store the scores; else store the chunk's top-KC sort keys (see _page_keys) as candidates.
+    n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    chunk = tl.program_id(2)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP
+    heads = kvh * GROUP + rows
+    part = M_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
+    lpart = L_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
+    m_run = tl.full([ROWS], float("-inf"), tl.float32)
+    z_run = tl.zeros([ROWS], tl.float32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cs < num_chunks)[None, :]
+        m = tl.load(part[:, None] + cs[None, :], mask=ok, other=float("-inf"))
+        l = tl.load(lpart[:, None] + cs[None, :], mask=ok, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z_run = z_run * tl.exp(m_run - m_safe) + tl.sum(l * tl.exp(m - m_safe[:, None]), 1)
+        m_run = m_new
+    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+    inv_z = tl.where(z_run > 0, 1.0 / z_run, 0.0)
+    pages = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = pages < max_pages
+    s = tl.load(S + n.to(tl.int64) * stride_sn + heads[:, None] * stride_sh + pages[None, :],
+                mask=row_ok[:, None] & p_ok[None, :], other=float("-inf"))
+    score = tl.sum(tl.exp(s - m_safe[:, None]) * inv_z[:, None], 0)
+    if WRITE_SCORES:
+        tl.store(OUT + n.to(tl.int64) * stride_on + kvh * stride_oh + pages, score, mask=p_ok)
+    else:
+        kv_len = tl.load(LENS + n)
+        ranked = pages < (kv_len + page_size - 1) // page_size - 1
+        keys = tl.sort(_page_keys(score, pages, ranked), 0, descending=True)
+        row = (n * tl.num_programs(1) + kvh).to(tl.int64)
+        offs = tl.arange(0, BLOCK_P)
+        tl.store(CAND + row * stride_cr + chunk * KC + offs, keys, mask=offs < KC)
+
+
+@triton.jit
+def _page_keys(score, pages, ranked):
+    """int64 sort keys, larger = better: (score bits << 32) | (2^32 - 1 - page), 0 for unranked pages.
+    Scores are >= 0, so their float bits order like the floats; equal scores rank the lower page first."""
+    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(ranked, (bits << 32) | (4294967295 - pages.to(tl.int64)), 0)
+
+
+@triton.jit
+def _top_keys_kernel(
+    KEYS, OUT, PAGES, stride_kr, stride_or, stride_pr, num_keys, k,
+    BLOCK: tl.constexpr, KC: tl.constexpr, FINAL: tl.constexpr,
+):
+    # grid = (rows, cdiv(num_keys, BLOCK)): the top KC keys of each BLOCK of a row's candidates (bitonic sort);
+    # FINAL (one block per row): decode the first k into page ids (-1 for unranked padding).
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    keys = tl.sort(tl.load(KEYS + row * stride_kr + offs, mask=offs < num_keys, other=0), 0, descending=True)
+    first = tl.arange(0, BLOCK)
+    if FINAL:
+        page = tl.where(keys > 0, 4294967295 - (keys & 4294967295), -1).to(tl.int32)
+        tl.store(PAGES + row * stride_pr + first, page, mask=first < k)
+    else:
+        tl.store(OUT + row * stride_or + blk * KC + first, keys, mask=first < KC)
+
+
+def _compute_dtype(minmax: torch.Tensor):
+    """(tl dtype, input precision) of the scoring dots: exact fp32 in the interpreter and for fp32 caches;
+    fp16 for fp16 / float8_e5m2 caches (e5m2 values are fp16 values); bf16 for bf16 caches."""
+    if interpreting() or minmax.dtype == torch.float32:
+        return tl.float32, "ieee"
+    if minmax.dtype in (torch.float16, torch.float8_e5m2):
+        return tl.float16, "ieee"
+    if minmax.dtype == torch.bfloat16:
+        return tl.bfloat16, "ieee"
+    raise ValueError(f"min/max cache dtype {minmax.dtype}: allowed float32, float16, bfloat16, float8_e5m2")
+
+
+def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale):
+    """Kernel 1: per-head scaled bounds S [N, H, max_pages] and their per-chunk softmax partials."""
+    n, h, d = q.shape
+    nb, ppb, hkv, d2 = lo.shape
+    if d2 != d or hi.shape != lo.shape or lo.stride() != hi.stride():
+        raise ValueError(f"min/max views {tuple(lo.shape)} / {tuple(hi.shape)} do not match q {tuple(q.shape)}")
+    if h % hkv:
+        raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={hkv}")
+    if q.stride(-1) != 1 or lo.stride(-1) != 1:
+        raise ValueError("q and the min/max cache must be contiguous in head_dim")
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head_dim={d}: the page scoring kernel needs a power of two in [16, 256]")
+    g = h // hkv
+    block_p = 32 if interpreting() else 128
+    chunks = triton.cdiv(max_pages, block_p)
+    s = torch.empty(n, h, max_pages, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(n, h, chunks, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    compute, precision = _compute_dtype(lo)
+    _scores_kernel[(n, hkv, chunks)](
+        q, lo, block_tables, seq_lens, s, m_part, l_part,
+        q.stride(0), q.stride(1),
+        lo.stride(0), lo.stride(1), (hi.data_ptr() - lo.data_ptr()) // lo.element_size(), lo.stride(2),
+        block_tables.stride(0), s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1),
+        max_pages, page_size, scale,
+        GROUP=g, PPB=ppb, ROWS=max(16, next_pow2(g)), BLOCK_P=block_p, HEAD_DIM=d, COMPUTE=compute,
+        DOT_PRECISION=precision, num_warps=4,
+    )
+    return s, m_part, l_part
+
+
+def _reduce_args(s, m_part, l_part, hkv):
+    g = s.shape[1] // hkv
+    chunks = m_part.shape[2]
+    return dict(GROUP=g, ROWS=max(2, next_pow2(g)), BLOCK_C=min(64, max(2, next_pow2(chunks)))), chunks
+
+
+def group_page_scores(
+    q: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    max_pages: int,
+    scale: float,
+) -> torch.Tensor:
+    """float32 [N, Hkv, max_pages] group-reduced scores of the ranked pages (0 elsewhere).
+
+    q [N, H, D] (channels outside the selection already zeroed); lo / hi: views [num_blocks, PPB, Hkv, D]
+    of the min / max halves of the paged min/max cache (any layout with unit stride in D, and hi at a fixed
+    offset from lo); block_tables int32 [N, *]; seq_lens int32 [N]; max_pages >= every sequence's page count.
+    """
+    n, hkv = q.shape[0], lo.shape[2]
+    out = torch.zeros(n, hkv, max_pages, dtype=torch.float32, device=q.device)
+    if n == 0 or max_pages == 0:
+        return out
+    s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
+    meta, chunks = _reduce_args(s, m_part, l_part, hkv)
+    block_p = 32 if interpreting() else 128
+    _group_reduce_kernel[(n, hkv, triton.cdiv(max_pages, block_p))](
+        s, m_part, l_part, seq_lens, out, out,
+        s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1), 0,
+        max_pages, chunks, page_size, BLOCK_P=block_p, KC=1, WRITE_SCORES=True, num_warps=4, **meta,
+    )
+    return out
+
+
+def select_top_pages(
+    q: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    max_pages: int,
+    scale: float,
+    k: int,
+) -> torch.Tensor:
+    """int32 [N, Hkv, k]: the top-k ranked pages of `group_page_scores` per (decode, KV head), best first; ties
+    go to the lower page; -1 pads rows with fewer than k ranked pages.
+
+    Top-k without a full pass per row: each reduce program sorts its BLOCK_R pages' keys and keeps the best KC
+    (next power of two >= k) as candidates; `_top_keys_kernel` rounds then keep the best KC of every BLOCK_T
+    candidates until one block remains, and decode the first k. The shapes fix the rounds: no host sync.
+    """
+    n, hkv = q.shape[0], lo.shape[2]
+    if k < 1 or k > 4096:
+        raise ValueError(f"select_top_pages: k={k} pages must be in [1, 4096]")
+    pages = torch.empty(n, hkv, k, dtype=torch.int32, device=q.device)
+    if n == 0:
+        return pages
+    kc = next_pow2(k)
+    block_r = max(64 if interpreting() else 1024, 2 * kc)
+    block_t = max(16 if interpreting() else 4096, 2 * kc)
+    s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
+    meta, chunks = _reduce_args(s, m_part, l_part, hkv)
+    n_cand = triton.cdiv(max_pages, block_r) * kc
+    cand = torch.empty(n * hkv, n_cand, dtype=torch.int64, device=q.device)
+    _group_reduce_kernel[(n, hkv, triton.cdiv(max_pages, block_r))](
+        s, m_part, l_part, seq_lens, s, cand,
+        s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), 0, 0, cand.stride(0),
+        max_pages, chunks, page_size, BLOCK_P=block_r, KC=kc, WRITE_SCORES=False, num_warps=8, **meta,
+    )
+    flat = pages.view(n * hkv, k)
+    while True:
+        blocks = triton.cdiv(n_cand, block_t)
+        final = blocks == 1
+        out = cand if final else torch.empty(n * hkv, blocks * kc, dtype=torch.int64, device=q.device)
+        _top_keys_kernel[(n * hkv, blocks)](
+            cand, out, flat, cand.stride(0), out.stride(0), flat.stride(0), n_cand, k,
+            BLOCK=block_t if not final else max(2, next_pow2(n_cand)), KC=kc, FINAL=final, num_warps=8,
+        )
+        if final:
+            return pages
+        cand, n_cand = out, blocks * kc
