@@ -34,30 +34,14 @@ from sparse_llm.engine.llm_engine import LLMEngine  # noqa: E402
 from sparse_llm.engine.sampling_params import SamplingParams  # noqa: E402
 from sparse_llm.llm import LLM  # noqa: E402
 
-LLAMA3_8B = dict(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from engine import LLAMA3_8B, CountingTokenizer  # noqa: E402  (the engine benchmark's random 8B shape)
+
 QUICK_LAYERS = 2
 # A tiny shape for a CPU smoke run of the same code path (gloo, 2 processes).
 TINY = dict(LLAMA3_8B, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300)
 MODEL_NAMES = {"full": "random-llama3-8b-shape", "quick": "random-llama3-8b-shape-2-layers", "tiny": "random-tiny-llama"}
-
-
-class CountingTokenizer:
-    """Stand-in tokenizer: the random model takes token ids only."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, **_):
-        return "x" * len(ids)
-
-    def encode(self, text, **_):
-        raise ValueError("the random-weight benchmark model takes token ids only")
 
 
 def hf_config(model_name: str):
