@@ -17,7 +17,10 @@ Host-overhead share (issue 3): a second decode run of the same batch with each p
 "forward"): host = schedule + build inputs + sampling bookkeeping + output processing, as a share of the step.
 
     python benchmarks/engine.py --device cpu [--quick]
-    python benchmarks/engine.py --device cuda [--quick] [--models smollm2,llama3-8b]
+    python benchmarks/engine.py --device cuda [--quick] [--models smollm2,llama3-8b] [--no-fused-kernels]
+
+On CUDA the models run the fused Triton elementwise kernels (kernels/elementwise.py); --no-fused-kernels runs
+the models' torch code instead, for an A/B of the two in the same environment.
 """
 from __future__ import annotations
 
@@ -298,10 +301,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="Small sizes: a smoke run that finishes in about a minute on CPU.")
     ap.add_argument("--models", default="smollm2,llama3-8b", help="GPU: comma-separated models (smollm2, smollm2-random, llama3-8b).")
     ap.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs.")
+    ap.add_argument("--no-fused-kernels", action="store_true",
+                    help="GPU: the models' torch elementwise code instead of the fused Triton kernels (A/B).")
     ap.add_argument("--output", default=None, help="JSON path (default: benchmarks/results/engine_<device>[_quick].json).")
     ns = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if ns.device == "auto" else ns.device
     import transformers
+
+    from sparse_llm.models import layers
+
+    if ns.no_fused_kernels:
+        layers.FUSED_KERNELS = False
 
     report = {
         "command": " ".join(sys.argv),
@@ -311,6 +321,7 @@ def main() -> None:
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
         "quick": ns.quick,
+        "fused_kernels": device == "cuda" and not ns.no_fused_kernels,
     }
     if device == "cpu":
         report["results"] = bench_cpu(ns.quick)

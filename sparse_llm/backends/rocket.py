@@ -97,10 +97,7 @@ class TorchRocketBackend(AttentionBackend):
         n0, nd = meta.num_prefills, meta.num_decodes
         lens = meta.seq_lens[n0:].long()
         tables = meta.block_tables[n0:]
-        if meta.seq_ids is not None:
-            for sid in meta.seq_ids[n0:]:
-                self.window_q.pop(sid, None)
-        self._update_current_page(cache, tables, lens)
+        self._update_current_page(cache, tables, lens, meta.slot_mapping[meta.num_prefill_tokens:])
 
         seq_lens = meta.seq_lens_cpu[n0:] if meta.seq_lens_cpu is not None else lens.tolist()
         max_len = max(seq_lens)
@@ -171,13 +168,37 @@ class TorchRocketBackend(AttentionBackend):
         entry = torch.stack([kmin, kmax], 2).to(kt.dtype)  # [B, n, 2, Hkv, D]
         kt[blk[has], :, local[has]] = entry[has]
 
-    def _update_current_page(self, cache, tables: torch.Tensor, lens: torch.Tensor) -> None:
-        """Keep the KT entry of each decode sequence's current page exact (it changes with every new token)."""
-        self._write_pages(cache, tables, (lens - 1) // self.params.page_size, 1, lens)
+    def _update_current_page(self, cache, tables: torch.Tensor, lens: torch.Tensor, slots: torch.Tensor) -> None:
+        """Keep the KT entry of each decode sequence's current page exact (it changes with every new token).
+
+        Device-only (CUDA-graph safe): no boolean indexing, no host sync. Rows whose slot is -1 (the padding
+        rows of a replayed decode graph: length 1, block table of zeros) must not write, but a masked write
+        needs a sync, so they rewrite the first real row's entry (the same value to the same place), or, when
+        no row is real, the entry already in the cache.
+        """
+        kv, kt = cache["kv"], cache["kt"]
+        ps, bs = self.params.page_size, kv.shape[2]
+        page = (lens - 1) // ps  # [B]
+        tok = page[:, None] * ps + torch.arange(ps, device=tables.device)  # [B, ps]
+        tok_blk = tables.long().gather(1, (tok // bs).clamp(max=tables.shape[1] - 1))
+        kmin, kmax = page_minmax(kv[tok_blk, 0, tok % bs], tok < lens[:, None], ps)  # [B, 1, Hkv, D]
+        entry = torch.stack([kmin[:, 0], kmax[:, 0]], 1).to(kt.dtype)  # [B, 2, Hkv, D]
+        blk, local = self._page_location(tables, page[:, None], kt.shape[2])
+        real = slots >= 0
+        src = torch.where(real, torch.arange(real.shape[0], device=real.device), real.int().argmax(0, keepdim=True))
+        blk, local, entry = blk[src, 0], local[src, 0], entry[src]
+        entry = torch.where(real[src][:, None, None, None], entry, kt[blk, :, local])
+        kt[blk, :, local] = entry
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def on_step_end(self, cache, meta):
-        """Compact the sequences that finished their prompt this step; refresh KT for all prefill chunks."""
+        """Compact the sequences that finished their prompt this step; refresh KT for all prefill chunks.
+
+        Also drops the prompt-window queries of decoding sequences (kept out of forward so that a decode forward
+        changes no Python state and can be replayed from a CUDA graph)."""
+        if meta.seq_ids is not None:
+            for sid in meta.seq_ids[meta.num_prefills:]:
+                self.window_q.pop(sid, None)
         if meta.num_prefills == 0 or "kt" not in cache:
             return
         ps = self.params.page_size

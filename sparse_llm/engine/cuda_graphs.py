@@ -41,7 +41,8 @@ class DecodeGraphs:
         self.metas: dict[int, AttentionMetadata] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
-    def _meta(self, b: int) -> AttentionMetadata:
+    def static_meta(self, b: int) -> AttentionMetadata:
+        """The metadata graph b is captured with: views of the static buffers that `load` fills."""
         return AttentionMetadata(
             num_prefills=0, num_prefill_tokens=0, cu_seqlens_q=self.cu_seqlens_q[:b + 1], seq_lens=self.seq_lens[:b],
             max_seqlen_q=1, max_seqlen_k=self.max_model_len, slot_mapping=self.slot_mapping[:b],
@@ -54,7 +55,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         pool = None
         for b in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
-            meta = self._meta(b)
+            meta = self.static_meta(b)
             set_context(meta)
             try:
                 self.model(self.input_ids[:b], self.positions[:b])  # warm-up (lazy inits, autotuning) outside capture
@@ -75,6 +76,17 @@ class DecodeGraphs:
         """Copy the step into the static buffers, replay the smallest graph that fits; hidden [num_tokens, H]."""
         m = inputs.meta
         n = m.num_seqs
+        b = self.load(inputs)
+        self.graphs[b].replay()
+        if m.seq_stats is not None:
+            m.seq_stats.copy_(self.seq_stats[:n])
+        return self.outputs[b][:n]
+
+    def load(self, inputs: StepInputs) -> int:
+        """Copy the step into the static buffers (rows past it padded); the graph size b that fits it.
+        Separate from `run` so tests can run a backend eagerly on exactly what a replay sees."""
+        m = inputs.meta
+        n = m.num_seqs
         b = next(s for s in self.sizes if s >= n)
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
@@ -90,7 +102,4 @@ class DecodeGraphs:
                 self.tsf[:n].copy_(m.threshold_scale_factor)
         if self.seq_stats is not None:
             self.seq_stats[:b].zero_()
-        self.graphs[b].replay()
-        if m.seq_stats is not None:
-            m.seq_stats.copy_(self.seq_stats[:n])
-        return self.outputs[b][:n]
+        return b

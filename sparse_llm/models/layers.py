@@ -86,6 +86,16 @@ class Embedding(nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
+# Fused Triton kernels (kernels/elementwise.py) for RMSNorm, residual add + RMSNorm, RoPE and SiLU·mul.
+# None (default): on CUDA tensors only; the torch code below stays the CPU path and the kernels' reference.
+# True/False force them on/off everywhere (tests run them on CPU under TRITON_INTERPRET=1).
+FUSED_KERNELS: bool | None = None
+
+
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda if FUSED_KERNELS is None else FUSED_KERNELS
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, exactly as HF's LlamaRMSNorm."""
 
@@ -94,7 +104,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _parameter(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual` -> (norm(x + residual), x + residual).
+
+        The second form folds the previous sublayer's residual add into this norm (one kernel on the fused
+        path, which writes the results into x's and residual's own memory: both inputs are consumed).
+        """
+        if use_fused_kernels(x):
+            from sparse_llm.kernels import elementwise
+
+            if residual is None:
+                return elementwise.rms_norm(x, self.weight, self.eps)
+            return elementwise.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -103,5 +130,9 @@ class RMSNorm(nn.Module):
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: silu(gate) * up, for the fused [.., 2 * intermediate] gate/up output."""
+    if use_fused_kernels(gate_up):
+        from sparse_llm.kernels.elementwise import silu_and_mul as fused_silu_and_mul
+
+        return fused_silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

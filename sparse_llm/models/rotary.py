@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparse_llm.models.layers import use_fused_kernels
+
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -49,6 +51,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim]; cos/sin [T, head_dim]."""
     return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(rotated q, rotated k) as new contiguous tensors; one kernel for both on the fused path.
+
+    cos/sin are computed once per forward from the positions (RotaryEmbedding) and shared by all layers,
+    so the kernel only reads one row of each per token.
+    """
+    if use_fused_kernels(q):
+        from sparse_llm.kernels.elementwise import rotary_qk
+
+        return rotary_qk(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):
