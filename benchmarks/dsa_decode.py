@@ -7,10 +7,10 @@
 Launch parameters per shape come from benchmarks/dsa_tune.py's results/dsa_tune_<gpu>.json when it exists
 (--tuned PATH to choose one, --no-tuned for the kernels' built-in defaults).
 
-Sparse step = indexer logits (64 heads x 128, fp8 keys + per-token scale) -> radix top-2048 -> sparse MLA
-attention (128 heads, latent 512 + rope 64) over the selected tokens. Dense = the same attention kernel
-over every token (its dense mode), so the ratio measures the selection, not two different kernels.
-Every case is checked against the torch oracles before it is timed. Times are medians of
+Sparse step = indexer logits (64 heads x 128, fp8 keys + per-token scale) -> top-2048 (radix, or sampled where
+the tune file says so) -> sparse MLA attention (128 heads, latent 512 + rope 64) over the selected tokens.
+Dense = the same attention kernel over every token (its dense mode), so the ratio measures the selection, not
+two different kernels. Every case is checked against the torch oracles before it is timed. Times are medians of
 triton.testing.do_bench, eager and replayed from a CUDA graph (launch overhead removed).
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from sparse_llm.backends.dsa_cache import (  # noqa: E402
 )
 from sparse_llm.backends.dsa_torch import indexer_logits_ref, mla_attention_ref  # noqa: E402
 from sparse_llm.kernels.dsa_indexer import indexer_logits  # noqa: E402
+from sparse_llm.kernels.dsa_launch import select_topk  # noqa: E402
 from sparse_llm.kernels.dsa_mla_attention import mla_attention  # noqa: E402
 from sparse_llm.kernels.dsa_query_prep import prepare_indexer_query_fp8  # noqa: E402
 from sparse_llm.kernels.dsa_topk import topk_positions  # noqa: E402
@@ -92,7 +93,7 @@ def steps(c: dict, shape: dict, best: dict | None = None):
                               **ix_kw)
 
     def choose(lg):  # positions, or physical slots when the attention variant reads slots
-        sel = topk_positions(lg, c["n_valid"], topk, **tk_kw, **paging)
+        sel = select_topk(lg, c["n_valid"], topk, **tk_kw, **paging)  # tk_kw may name method="sampled"
         return sel[1] if slots else sel
 
     def attend_to(ix):

@@ -14,9 +14,9 @@ import torch
 from sparse_llm.backends.dsa_base import DsaBackendBase, IndexerInputs, MlaBackend, row_positions, seq_lens
 from sparse_llm.backends.dsa_cache import INDEXER_K, INDEXER_K_SCALE, LATENT, prepare_indexer_query, write_indexer_k, write_latent
 from sparse_llm.kernels.dsa_indexer import indexer_logits
+from sparse_llm.kernels.dsa_launch import dsa_launch, select_topk
 from sparse_llm.kernels.dsa_mla_attention import mla_attention
 from sparse_llm.kernels.dsa_query_prep import prepare_indexer_query_fp8
-from sparse_llm.kernels.dsa_topk import topk_positions
 
 LOGITS_BUDGET = 1 << 28  # float32 elements (1 GiB)
 
@@ -54,18 +54,21 @@ class DsaTritonBackend(DsaBackendBase):
         for start in range(0, rows.numel(), step):
             r = rows[start:start + step]
             nv = n_valid[r]
+            launch = dsa_launch(r.numel(), max_len, q.device)  # {} (kernel defaults) unless the tuned table is on
             if INDEXER_K_SCALE in cache:  # rotation + fp8 quantisation of the queries in one kernel
                 iq, iw = prepare_indexer_query_fp8(indexer.q[r], indexer.weights[r])
             else:
                 iq, iw = prepare_indexer_query(indexer.q[r], indexer.weights[r], cache)
             logits = indexer_logits(
                 iq, iw, cache[INDEXER_K], cache.get(INDEXER_K_SCALE), meta.block_tables, row_seq[r], nv, max_len,
+                **launch.get("indexer", {}),
             )
-            _, slots = topk_positions(logits, nv, topk, block_tables=meta.block_tables, row_seq=row_seq[r],
-                                      page=cache[LATENT].shape[1])
+            _, slots = select_topk(logits, nv, topk, block_tables=meta.block_tables, row_seq=row_seq[r],
+                                   page=cache[LATENT].shape[1], **launch.get("topk", {}))
             out[r] = mla_attention(
                 q[r], cache[LATENT], meta.block_tables, row_seq[r], torch.clamp(nv, max=topk),
                 self.layer.scale, self.layer.v_head_dim, topk, indices=slots, indices_are_slots=True,
+                **launch.get("attention", {}),
             )
 
 

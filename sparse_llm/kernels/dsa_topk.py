@@ -40,7 +40,9 @@ def workspace_layout(radix_bits: int) -> tuple[int, int]:
 
 @triton.jit
 def _ordered_key(x):
-    """float32 -> int64 in [0, 2^32) with the same order as the floats."""
+    """float32 -> int64 in [0, 2^32) with the same order as the floats; -0.0 reads as +0.0 (the oracle's sort
+    treats them as equal, so they tie and the lower position wins)."""
+    x = tl.where(x == 0.0, 0.0, x)
     i = x.to(tl.int32, bitcast=True).to(tl.int64)
     return tl.where(i < 0, -i - 1, i + 2147483648)
 
