@@ -1,10 +1,10 @@
 """Launch parameters of the DSA decode kernels per shape class, and the top-k method switch.
 
 TUNED_DSA_LAUNCH is the one table that would replace the kernels' built-in defaults in the Triton DSA backend:
-the fastest variant per stage that benchmarks/dsa_tune.py measured on an H100 (session 2,
-benchmarks/results/dsa_tune_h100.json, `best` per shape). USE_TUNED_DSA_LAUNCH stays False until dsa_tune's
-near-tie check (tuned vs default indexer: every top-k index that differs is a near-tie) has passed on the GPU;
-flipping it is then the whole change. Classes: rows (decode batch) 1-4 / 5-16 / more, longest row
+the fastest variant per stage that benchmarks/dsa_tune.py measured on an H100 (session 3,
+benchmarks/results/dsa_tune_h100.json, `best` per shape). It is on because dsa_tune's near-tie check passed on
+the GPU at every shape (tuned vs default indexer: 8-336 top-k indices differ per shape, every one within the
+band of a near-tie, none outside; the tuned attention equals the default attention on the tuned selection). Classes: rows (decode batch) 1-4 / 5-16 / more, longest row
 <= 64K / more.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from sparse_llm.kernels.dsa_topk import topk_positions
 from sparse_llm.kernels.dsa_topk_sampled import topk_positions_sampled
 
-USE_TUNED_DSA_LAUNCH = False
+USE_TUNED_DSA_LAUNCH = True
 
 TOPK_METHODS = {"radix": topk_positions, "sampled": topk_positions_sampled}
 
@@ -30,13 +30,13 @@ TUNED_DSA_LAUNCH: dict[tuple[str, str], dict] = {
                         topk=dict(method="radix", chunk=2048, radix_bits=8),
                         attention=dict(block_h=64, block_n=64, num_warps=8, num_stages=3, num_splits=8)),
     ("B8", "128K"): dict(indexer=dict(_IX, tiles=8),
-                         topk=dict(method="radix", chunk=2048, radix_bits=8),
+                         topk=dict(method="sampled", chunk=4096, num_warps=8, select_warps=16, sample=2048),
                          attention=dict(block_h=64, block_n=64, num_warps=8, num_stages=3, num_splits=8)),
     ("B32", "32K"): dict(indexer=dict(_IX, tiles=8),
-                         topk=dict(method="radix", chunk=2048, radix_bits=8),
+                         topk=dict(method="sampled", chunk=4096, num_warps=8, select_warps=16, sample=2048),
                          attention=dict(block_h=64, block_n=64, num_warps=8, num_stages=3, num_splits=2)),
     ("B32", "128K"): dict(indexer=dict(_IX, tiles=8),
-                          topk=dict(method="radix", chunk=4096, radix_bits=8),
+                          topk=dict(method="sampled", chunk=2048, num_warps=4, select_warps=16),
                           attention=dict(block_h=64, block_n=64, num_warps=8, num_stages=3, num_splits=2)),
 }
 
