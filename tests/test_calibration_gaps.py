@@ -9,9 +9,16 @@ from sparse_llm.calibration.fit import fit_phase
 from sparse_llm.calibration.gaps import TileGeometry, decode_tile_gaps, prefill_tile_gaps, sparsity_at
 
 
+def skip_build_order(first_pos, last_pos, bn):
+    """The skip build's KV tile order for a query tile with rows at first_pos..last_pos, written out literally:
+    tile 0, the tiles the causal mask cuts, then the fully visible ones nearest first."""
+    n, full = last_pos // bn + 1, (first_pos + 1) // bn
+    return list(range(n)) if full == 0 else [0] + list(range(full, n)) + list(range(full - 1, 0, -1))
+
+
 def simulate_prefill_skips(q, k, scale, bm, bn, factor):
     """Straight loop over (head, query tile, KV tile) applying the rule as a kernel would: skipped tiles do not
-    update the running max. Returns (skipped, total) processed tiles."""
+    update the running max; tiles in the skip build's order. Returns (skipped, total) processed tiles."""
     lq, h, _ = q.shape
     L, hkv, _ = k.shape
     g = h // hkv
@@ -24,8 +31,8 @@ def simulate_prefill_skips(q, k, scale, bm, bn, factor):
             rows = torch.arange(q0, min(q0 + bm, lq))
             last = int(rows[-1]) + off
             m = torch.full((len(rows),), -math.inf, dtype=torch.float64)
-            for t, k0 in enumerate(range(0, last + 1, bn)):
-                keys = torch.arange(k0, min(k0 + bn, L))
+            for t, j in enumerate(skip_build_order(int(rows[0]) + off, last, bn)):
+                keys = torch.arange(j * bn, min(j * bn + bn, L))
                 s = s_all[rows][:, keys].clone()
                 s[keys[None, :] > (rows[:, None] + off)] = -math.inf
                 rowmax = s.amax(1)

@@ -69,7 +69,9 @@ def test_prefill_threshold_off_equals_dense_and_large_factor_skips():
     dense = _prefill(b, None, (16, 16))
     off_stats = torch.zeros(2, 2, dtype=torch.int32)
     off = _prefill(b, torch.full((2,), -math.inf), (16, 16), off_stats)  # factor 0 / λ >= 1 resolve to -inf
-    assert torch.equal(off, dense) and off_stats[:, 1].sum() == 0 and off_stats[:, 0].sum() > 0
+    # The skip build visits tiles in another order (sink, diagonal, rest): same softmax, other rounding.
+    torch.testing.assert_close(off, dense, atol=TOL[torch.float32], rtol=0)
+    assert off_stats[:, 1].sum() == 0 and off_stats[:, 0].sum() > 0
     many = torch.zeros(2, 2, dtype=torch.int32)
     skipped = _prefill(b, _log_lambda(25.0, [100, 60]), (16, 16), many)
     assert many[:, 1].sum() > many[:, 0].sum() // 3

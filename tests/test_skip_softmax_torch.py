@@ -63,7 +63,9 @@ def test_prefill_reference_matches_literal_rule():
             rows = torch.arange(start, min(start + bm, lq))  # only valid rows: padded rows never vote
             end = ctx + int(rows[-1]) + 1
             tiles = []
-            for j in range(math.ceil(end / bn)):
+            full = (ctx + start + 1) // bn  # tiles every row sees whole; the skip build's order:
+            n = math.ceil(end / bn)  # sink, the diagonal tiles, then the rest nearest first
+            for j in [0] + list(range(full, n)) + list(range(full - 1, 0, -1)) if full else range(n):
                 keys = torch.arange(j * bn, min((j + 1) * bn, lk))
                 tiles.append((keys, keys[None, :] <= (ctx + rows)[:, None]))
             acc, l, _, vis, sk = _naive_tile_loop(q[rows, head], k[:, head // 2], v[:, head // 2], scale, lam, tiles)

@@ -19,7 +19,7 @@ import torch
 
 from sparse_llm.backends.base import CacheSpec
 from sparse_llm.backends.quest import update_page_minmax
-from sparse_llm.kernels.geometry import PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_BOUND_WIDEN, cdiv
+from sparse_llm.kernels.geometry import PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_BOUND_WIDEN, cdiv, prefill_tile_order
 
 KEY_BOUNDS = "key_bounds"
 NEG_INF = float("-inf")
@@ -110,7 +110,8 @@ def bound_skip_decisions(
     """Replay the kernel's tile loop on row maxima: (total, skipped, pre_skipped, pre_but_not_skipped).
 
     rowmax, ub: [H, Lq, n_tiles] from `row_tile_max` / `row_tile_bounds`. Per (head, query tile of
-    block_m rows), tiles in ascending order up to the causal end; BLASST skips when every valid row has
+    block_m rows), tiles up to the causal end in the skip build's order (`prefill_tile_order`: sink,
+    diagonal, rest nearest first); BLASST skips when every valid row has
     rowmax − m < log λ (never tile 0); the bound pre-skips when every valid row has ub − m < log λ; m is
     the running max over processed tiles. The last count is 0 whenever ub bounds rowmax (tests check it).
     """
@@ -121,18 +122,22 @@ def bound_skip_decisions(
     bd = torch.nn.functional.pad(ub, (0, 0, 0, pad), value=NEG_INF).view(h, nqt, block_m, -1)
     row_valid = (torch.arange(nqt * block_m, device=rowmax.device) < lq).view(nqt, block_m)
     ctx = kv_len - lq
+    first = ctx + torch.arange(nqt, device=rowmax.device) * block_m
     last = ctx + torch.clamp((torch.arange(nqt, device=rowmax.device) + 1) * block_m, max=lq)
     n_tiles = (last + block_n - 1) // block_n  # [nqt]
+    order = prefill_tile_order(first, last, block_n, rm.shape[-1])  # [nqt, n_tiles of the sequence]
     m = torch.full((h, nqt, block_m), NEG_INF, dtype=rowmax.dtype, device=rowmax.device)
     total = skipped = pre_skipped = violations = 0
-    for j in range(int(n_tiles.max())):
-        active = (j < n_tiles)[None].expand(h, nqt)
-        gap = torch.where(row_valid, rm[..., j] - m, NEG_INF).amax(-1)
-        pre_gap = torch.where(row_valid, bd[..., j] - m, NEG_INF).amax(-1)
-        skip = (gap < log_lambda) & (j > 0) & active
-        pre = (pre_gap < log_lambda) & (j > 0) & active
+    for t in range(int(n_tiles.max())):
+        j = order[None, :, t, None, None].expand(h, nqt, block_m, 1)  # each query tile's t-th KV tile
+        rm_j, bd_j = rm.gather(-1, j)[..., 0], bd.gather(-1, j)[..., 0]
+        active = (t < n_tiles)[None].expand(h, nqt)
+        gap = torch.where(row_valid, rm_j - m, NEG_INF).amax(-1)
+        pre_gap = torch.where(row_valid, bd_j - m, NEG_INF).amax(-1)
+        skip = (gap < log_lambda) & (t > 0) & active
+        pre = (pre_gap < log_lambda) & (t > 0) & active
         update = (active & ~skip)[..., None]
-        m = torch.where(update, torch.maximum(m, rm[..., j]), m)
+        m = torch.where(update, torch.maximum(m, rm_j), m)
         total += int(active.sum())
         skipped += int(skip.sum())
         pre_skipped += int(pre.sum())

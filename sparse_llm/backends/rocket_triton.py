@@ -51,7 +51,8 @@ class TritonRocketBackend(TorchRocketBackend):
         counts = self.decode_counts
         if counts is not None and not capturing():
             total, skipped = counts.tolist()
-            counts.zero_()
+            with torch.inference_mode():  # the counter was made inside the engine's inference mode
+                counts.zero_()
             self._host_stats.add("decode", total, skipped)
         return self._host_stats
 

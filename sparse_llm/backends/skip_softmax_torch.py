@@ -1,6 +1,7 @@
 """Skip-softmax (BLASST / TensorRT-LLM) in plain torch: the oracle of the Triton kernels and the CPU backend.
 
-The rule, per KV tile in processing order (ascending keys), for the rows R of one program's tile
+The rule, per KV tile in processing order (prefill: sink, diagonal, rest nearest first —
+kernels/geometry.py `prefill_tile_order`; decode: ascending within a split), for the rows R of one program's tile
 (prefill: BLOCK_M query rows of one head; decode: the query heads of one KV head group):
   skip  <=>  tile is not the first processed one  and  for every valid row r in R:
              exp(tile_rowmax_r - running_max_r) < λ          (scores already multiplied by the scale)
@@ -33,6 +34,7 @@ from sparse_llm.kernels.geometry import (
     cdiv,
     decode_split_tiles,
     num_sms,
+    prefill_tile_order,
 )
 
 NEG_INF = float("-inf")
@@ -76,25 +78,28 @@ def skip_softmax_prefill_reference(
     qp = torch.zeros(nqt * block_m, h, d, dtype=q.dtype, device=q.device)
     qp[:lq] = q
     qt = qp.view(nqt, block_m, hkv, g, d).permute(2, 3, 0, 1, 4)  # [Hkv, G, nqt, BM, D]
-    # KV tiles each query tile visits: up to its last valid row's position.
+    # KV tiles each query tile visits: up to its last valid row's position, in the skip build's order.
+    first = ctx + torch.arange(nqt, device=q.device) * block_m
     last = ctx + torch.clamp((torch.arange(nqt, device=q.device) + 1) * block_m, max=lq)
     n_tiles = (last + block_n - 1) // block_n  # [nqt]
+    order = prefill_tile_order(first, last, block_n, int(n_tiles.max()))  # [nqt, steps]
     m = torch.full((hkv, g, nqt, block_m), NEG_INF, dtype=q.dtype, device=q.device)
     l = torch.zeros_like(m)
     acc = torch.zeros(hkv, g, nqt, block_m, dv, dtype=q.dtype, device=q.device)
+    lane = torch.arange(block_n, device=q.device)
     total = skipped = 0
-    for j in range(int(n_tiles.max())):
-        # Query tiles visit KV tiles up to their causal end, and n_tiles grows with the query tile: the ones
-        # still visiting tile j are a suffix [lo, nqt). Computing only those halves the work of long prompts.
-        lo = int((n_tiles <= j).sum())
-        keys = torch.arange(j * block_n, min((j + 1) * block_n, lk), device=q.device)
-        kj = k[keys].permute(1, 0, 2)[:, None, None]  # [Hkv, 1, 1, n, D]
-        vj = v[keys].permute(1, 0, 2)[:, None, None]
-        s = (qt[:, :, lo:] @ kj.transpose(-1, -2)) * scale  # [Hkv, G, nqt - lo, BM, n]
-        s = s.masked_fill(keys[None, None, :] > qpos[lo:, :, None], NEG_INF)
+    for t in range(order.shape[1]):
+        # Step t: every query tile processes its t-th KV tile. n_tiles grows with the query tile, so the ones
+        # still active are a suffix [lo, nqt); computing only those halves the work of long prompts.
+        lo = int((n_tiles <= t).sum())
+        keys = order[lo:, t, None] * block_n + lane  # [nqt - lo, BN]; keys >= lk are masked below
+        kj = k[keys.clamp(max=lk - 1)].permute(2, 0, 1, 3)[:, None]  # [Hkv, 1, nqt - lo, BN, D]
+        vj = v[keys.clamp(max=lk - 1)].permute(2, 0, 1, 3)[:, None]
+        s = (qt[:, :, lo:] @ kj.transpose(-1, -2)) * scale  # [Hkv, G, nqt - lo, BM, BN]
+        s = s.masked_fill(keys[:, None, :] > qpos[lo:, :, None], NEG_INF)
         state = (m[:, :, lo:], l[:, :, lo:], acc[:, :, lo:])
         gap = torch.where(row_valid[lo:], s.amax(-1) - state[0], NEG_INF)
-        skip = (gap.amax(-1) < log_lambda) & (j > 0)  # [Hkv, G, nqt - lo]
+        skip = (gap.amax(-1) < log_lambda) & (t > 0)  # [Hkv, G, nqt - lo]
         m[:, :, lo:], l[:, :, lo:], acc[:, :, lo:] = _online_update(state, s, vj, (~skip)[..., None].expand_as(state[0]))
         total += skip.numel()
         skipped += int(skip.sum())

@@ -7,7 +7,7 @@ from pathlib import Path
 from sparse_llm import __version__
 from sparse_llm.calibration.fit import FORMULA, PhaseFit
 from sparse_llm.calibration.gaps import TileGeometry
-from sparse_llm.kernels.geometry import DECODE_MIN_SPLIT_TILES_SKIP
+from sparse_llm.kernels.geometry import DECODE_MIN_SPLIT_TILES_SKIP, PREFILL_ORDER
 
 
 def sparse_block(fits: dict[str, PhaseFit], targets: dict[str, float], ignore: list[str], geometry: TileGeometry,
@@ -30,6 +30,8 @@ def sparse_block(fits: dict[str, PhaseFit], targets: dict[str, float], ignore: l
         "sparse_llm_tile_geometry": {
             "prefill_block_m": geometry.block_m,
             "prefill_block_n": geometry.block_n,
+            # the skip build's KV tile order (kernels/geometry.py); configs/checkpoint.py refuses another one
+            "prefill_order": PREFILL_ORDER,
             "decode_block_n": geometry.decode_block_n,
             # decode splits start from tile 0's row max; factors calibrated without seeds mean something else
             "decode_splits": "sink_seeded",

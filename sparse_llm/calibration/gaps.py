@@ -1,6 +1,7 @@
 """Per-tile "max gaps": what decides skip-softmax for every threshold at once.
 
-For a KV tile j of a query tile, let m_j be each row's running max before the tile and r_j its row max inside it.
+For a KV tile j of a query tile, let m_j be each row's running max before the tile (in the kernel's processing
+order) and r_j its row max inside it.
 The tile is skipped iff max_rows(r_j − m_j) < ln λ, λ = factor / kv_len. Since ln λ < 0 whenever skipping is on,
 a skipped tile could never have raised the running max, so m_j is the same whether or not earlier tiles were
 skipped: the decision for *every* factor follows from one dense pass. We record the normalised gap
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.kernels.geometry import DECODE_BLOCK_N, PREFILL_BLOCK_M, PREFILL_BLOCK_N
+from sparse_llm.kernels.geometry import DECODE_BLOCK_N, PREFILL_BLOCK_M, PREFILL_BLOCK_N, prefill_tile_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,8 +40,9 @@ def prefill_tile_gaps(
 ) -> torch.Tensor:
     """Normalised gaps of every processed (query tile, head, KV tile), flattened; first tiles are +inf.
 
-    Query tiles start at the chunk's first query (as the varlen kernel tiles them); KV tiles start at key 0
-    and are processed in order up to the causal end of the query tile. Cost: one QKᵀ over the causal half
+    Query tiles start at the chunk's first query (as the varlen kernel tiles them); KV tiles start at key 0,
+    up to the causal end of the query tile, processed in the skip build's order (`prefill_tile_order`: sink,
+    diagonal, rest nearest first); the gaps are returned in tile-index order. Cost: one QKᵀ over the causal half
     (in row chunks) and one max per tile; the causal mask is applied to the tile maxima, and only each row's
     diagonal tile is re-reduced with its mask, so no pass over the full score matrix is spent on masking.
     """
@@ -73,16 +75,22 @@ def prefill_tile_gaps(
         rowmax.masked_fill_(tile_idx[None, :n_kt] > diag[:, None], -math.inf)
         rowmax.scatter_(3, idx[..., 0], diag_s.amax(-1, keepdim=True))
         rowmax *= scale  # max(s)·scale == max(s·scale) exactly: scale > 0 and rounding is monotone
-        running = torch.cummax(rowmax, dim=-1).values
-        before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
-        gap_rows = torch.nan_to_num(rowmax - before, nan=-math.inf)  # -inf for masked rows; nan when both -inf
         n_qt = (rows + bm - 1) // bm
         rpad = n_qt * bm - rows
-        if rpad:  # padded rows of a partial query tile count as skippable
-            gap_rows = torch.nn.functional.pad(gap_rows, (0, 0, 0, rpad), value=-math.inf)
-        gap = gap_rows.reshape(hkv, group, n_qt, bm, n_kt).amax(3)  # [Hkv, G, Qt, T]
-        # Which KV tiles the kernel processes for each query tile: up to the causal end of its last row.
+        if rpad:  # padded rows of a partial query tile count as skippable (-inf: they never block a skip)
+            rowmax = torch.nn.functional.pad(rowmax, (0, 0, 0, rpad), value=-math.inf)
+        rowmax = rowmax.reshape(hkv, group, n_qt, bm, n_kt)
+        # The skip build's order per query tile (sink, diagonal, rest nearest first); gaps go back to tile index.
+        q_first = torch.arange(n_qt, device=q.device) * bm + start + offset
         q_last = torch.clamp(torch.arange(n_qt, device=q.device) * bm + bm - 1, max=rows - 1) + start + offset
+        order = prefill_tile_order(q_first, q_last + 1, bn, n_kt)[:, None, :].expand(n_qt, bm, n_kt)
+        in_order = rowmax.gather(-1, order.expand_as(rowmax))
+        running = torch.cummax(in_order, dim=-1).values
+        before = torch.cat([torch.full_like(running[..., :1], -math.inf), running[..., :-1]], dim=-1)
+        gap_rows = torch.nan_to_num(in_order - before, nan=-math.inf)  # -inf for masked rows; nan when both -inf
+        gap = torch.empty_like(gap_rows[:, :, :, 0]).scatter_(-1, order[:, 0].expand_as(gap_rows[:, :, :, 0]),
+                                                             gap_rows.amax(3))  # [Hkv, G, Qt, T]
+        # Which KV tiles the kernel processes for each query tile: up to the causal end of its last row.
         processed = (torch.arange(n_kt, device=q.device)[None, :] * bn) <= q_last[:, None]  # [Qt, T]
         g = gap + math.log(kv_len)
         g[..., 0] = NEVER_SKIPPED

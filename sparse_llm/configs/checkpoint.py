@@ -22,6 +22,7 @@ from typing import Any
 import numexpr
 
 from sparse_llm.configs.sparse import ALGORITHM_ALIASES, as_phase_values
+from sparse_llm.kernels.geometry import PREFILL_ORDER
 
 PHASES = ("prefill", "decode")
 FACTOR_PATH = "sparse_attention_config.config_groups.*.threshold_scale_factor"
@@ -182,6 +183,7 @@ def parse_checkpoint_meta(config: dict | None) -> CheckpointSparseMeta | None:
     if not isinstance(block, dict):
         raise ValueError(f"sparse_attention_config must be a mapping, got {type(block).__name__}")
     path = "sparse_attention_config"
+    check_prefill_order(block)
     if "config_groups" in block:
         cg = block["config_groups"]
         if not isinstance(cg, dict):
@@ -196,6 +198,27 @@ def parse_checkpoint_meta(config: dict | None) -> CheckpointSparseMeta | None:
         raise ValueError(f"{path}.config_groups has {len(skip)} skip_softmax groups ({skip}); at most one is supported")
     top_ignore = _as_list(block.get("ignore"), f"{path}.ignore") if "config_groups" in block else ()
     return CheckpointSparseMeta(groups, top_ignore)
+
+
+def check_prefill_order(block: dict) -> None:
+    """Refuse factors calibrated for another prefill tile order than this build's skip kernel uses.
+
+    Only our own exports carry `sparse_llm_tile_geometry`; a plain ModelOpt / TensorRT-LLM block has none and is
+    accepted. Ours without `prefill_order` predate the field and keep loading (their prefill coefficients were
+    fitted to the ascending order, so they are stale: recalibrate; see docs/calibration.md).
+    """
+    geometry = block.get("sparse_llm_tile_geometry")
+    if geometry is None:
+        return
+    path = "sparse_attention_config.sparse_llm_tile_geometry"
+    if not isinstance(geometry, dict):
+        raise ValueError(f"{path} must be a mapping, got {geometry!r}")
+    recorded = geometry.get("prefill_order")
+    if recorded is not None and recorded != PREFILL_ORDER:
+        raise ValueError(
+            f"{path}.prefill_order={recorded!r} differs from this build's {PREFILL_ORDER!r}: the prefill "
+            "threshold_scale_factor was calibrated for other skip decisions; recalibrate (sparse-llm calibrate)"
+        )
 
 
 def layer_module_names(layer_idx: int) -> tuple[str, ...]:

@@ -9,8 +9,8 @@ over the "other" pages p < n_pages - 1 (the current page is always attended, so 
 and the selection is the top-k pages of score per (n, h) (ties go to the lower page), plus the current page,
 which the sparse decode kernel adds itself.
 
-Kernels (one program per (decode, KV head, chunk of BLOCK_P pages), the whole GQA group at once, so every
-min/max entry is read once per group):
+Kernels (programs per (decode, KV head), each handling chunks of BLOCK_P pages, the whole GQA group at once,
+so every min/max entry is read once per group):
   1. `_scores_kernel`: s for the chunk (two tensor-core dots, group rows padded to 16) and the chunk's
      per-head softmax partials (max, Σ exp).
   2. `_group_reduce_kernel`: merges the partials of all chunks into each head's (max, Σ exp), then computes
@@ -18,6 +18,15 @@ min/max entry is read once per group):
      score bits | page) and keeps its best candidates.
   3. `_top_keys_kernel`: the best k of the candidates per (decode, KV head) in one or two sorting rounds.
 Torch reference: `backends.rocket_select.group_page_scores` / `select_pages`.
+
+Cost tracks the real cache, not `max_pages`: a decode CUDA graph sizes `max_pages` from its max_model_len-wide
+block tables, while a compacted sequence may hold far fewer pages. The grids stay shape-only (graph-safe, no
+host sync), but each program loops over its chunks only up to the sequence's last ranked page (read from
+seq_lens on the device): chunks past it read no KT entry, run no dot and no sort; the reduce merges only the
+live chunks' partials and writes neutral results (0 scores / 0 keys) for the rest; candidate blocks of 0 keys
+are passed on unsorted and the final sort covers only the width holding every nonzero key. The grids are
+capped near PROGRAMS_PER_LAUNCH programs (programs loop over chunks), so idle programs cost few launch slots.
+Results are bitwise those of tight tables (tests/test_page_scores_live_pages.py).
 """
 from __future__ import annotations
 
@@ -27,6 +36,12 @@ import triton.language as tl
 
 from sparse_llm.kernels.geometry import next_pow2
 from sparse_llm.kernels.tuning import interpreting
+
+# Programs per launch along the page axis before programs loop over several chunks (`_programs_per_row`):
+# ~8 per SM of an H100; small in the interpreter so that tests run the looping path.
+PROGRAMS_PER_LAUNCH = 16 if interpreting() else 1024
+# The final top-k sorts KC, FINAL_MID_FACTOR * KC or all candidates, the smallest holding every nonzero key.
+FINAL_MID_FACTOR = 8
 
 
 @triton.jit
@@ -39,35 +54,47 @@ def _scores_kernel(
     GROUP: tl.constexpr, PPB: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grid = (num_decodes, num_kv_heads, cdiv(max_pages, BLOCK_P))
+    # grid = (num_decodes, num_kv_heads, programs per row); program z scores chunks z, z + grid[2], ... of
+    # BLOCK_P pages, stopping at the sequence's last chunk with a ranked page (`live` chunks): chunks past it
+    # cost nothing, and neither their S entries nor their partials are written (the reduce never reads them).
     n = tl.program_id(0)
     kvh = tl.program_id(1)
-    chunk = tl.program_id(2)
-    pages = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     rows = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_p = tl.arange(0, BLOCK_P)
     row_ok = rows < GROUP
-    kv_len = tl.load(LENS + n)
-    n_pages = (kv_len + page_size - 1) // page_size
-    other = pages < n_pages - 1  # ranked pages: filled pages before the current one
+    n_ranked = _ranked_pages(LENS, n, page_size)
+    live = tl.cdiv(n_ranked, BLOCK_P)
     q = tl.load(Q + n.to(tl.int64) * stride_qn + (kvh * GROUP + rows)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    blk = tl.load(BT + n.to(tl.int64) * stride_bt + pages // PPB, mask=other, other=0).to(tl.int64)
-    base = MM + blk * stride_mb + (pages % PPB) * stride_mp + kvh * stride_mh
-    lo = tl.load(base[:, None] + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)  # [BLOCK_P, D]
-    hi = tl.load(base[:, None] + stride_mk + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)
-    s = tl.dot(tl.maximum(q, 0.0).to(COMPUTE), tl.trans(hi), input_precision=DOT_PRECISION)
-    s = tl.dot(tl.minimum(q, 0.0).to(COMPUTE), tl.trans(lo), s, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_P]
-    s = tl.where(other[None, :], s * scale, float("-inf"))
-    s_ptrs = S + n.to(tl.int64) * stride_sn + (kvh * GROUP + rows)[:, None] * stride_sh + pages[None, :]
-    tl.store(s_ptrs, s, mask=row_ok[:, None] & (pages < max_pages)[None, :])
-    # Softmax partials of this chunk; a chunk with no ranked page has (max, sum) = (-inf, 0).
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.exp(s - m_safe[:, None]), 1)
-    part = n.to(tl.int64) * stride_pn + (kvh * GROUP + rows) * stride_ph + chunk
-    tl.store(M_PART + part, m, mask=row_ok)
-    tl.store(L_PART + part, l, mask=row_ok)
+    q_pos = tl.maximum(q, 0.0).to(COMPUTE)
+    q_neg = tl.minimum(q, 0.0).to(COMPUTE)
+    s_row = S + n.to(tl.int64) * stride_sn + (kvh * GROUP + rows)[:, None] * stride_sh
+    part = n.to(tl.int64) * stride_pn + (kvh * GROUP + rows) * stride_ph
+    for chunk in range(tl.program_id(2), live, tl.num_programs(2)):
+        pages = chunk * BLOCK_P + offs_p
+        other = pages < n_ranked  # ranked pages: filled pages before the current one
+        blk = tl.load(BT + n.to(tl.int64) * stride_bt + pages // PPB, mask=other, other=0).to(tl.int64)
+        base = MM + blk * stride_mb + (pages % PPB) * stride_mp + kvh * stride_mh
+        lo = tl.load(base[:, None] + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)  # [BLOCK_P, D]
+        hi = tl.load(base[:, None] + stride_mk + offs_d[None, :], mask=other[:, None], other=0.0).to(COMPUTE)
+        s = tl.dot(q_pos, tl.trans(hi), input_precision=DOT_PRECISION)
+        s = tl.dot(q_neg, tl.trans(lo), s, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_P]
+        s = tl.where(other[None, :], s * scale, float("-inf"))
+        tl.store(s_row + pages[None, :], s, mask=row_ok[:, None] & (pages < max_pages)[None, :])
+        # Softmax partials of this chunk.
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        l = tl.sum(tl.exp(s - m_safe[:, None]), 1)
+        tl.store(M_PART + part + chunk, m, mask=row_ok)
+        tl.store(L_PART + part + chunk, l, mask=row_ok)
+
+
+@triton.jit
+def _ranked_pages(LENS, n, page_size):
+    """Pages ranked for decode n: its filled pages before the current one (0 for a 0- or 1-page sequence)."""
+    kv_len = tl.load(LENS + n)
+    return tl.maximum((kv_len + page_size - 1) // page_size - 1, 0)
 
 
 @triton.jit
@@ -76,23 +103,27 @@ def _group_reduce_kernel(
     stride_sn, stride_sh, stride_pn, stride_ph, stride_on, stride_oh, stride_cr,
     max_pages, num_chunks, page_size,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    KC: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    SCORE_BLOCK: tl.constexpr, KC: tl.constexpr, WRITE_SCORES: tl.constexpr,
 ):
-    # grid = (num_decodes, num_kv_heads, cdiv(max_pages, BLOCK_P)); score = Σ_g exp(s_g - M_g) / Z_g.
+    # grid = (num_decodes, num_kv_heads, programs per row); program z handles chunks z, z + grid[2], ... of
+    # BLOCK_P pages up to num_chunks; score = Σ_g exp(s_g - M_g) / Z_g.
     # WRITE_SCORES: store the scores; else store the chunk's top-KC sort keys (see _page_keys) as candidates.
+    # Only the live score chunks' partials and ranked S entries are read; a chunk with no ranked page stores
+    # its neutral result (0 scores / 0 keys) without reading or sorting anything.
     n = tl.program_id(0)
     kvh = tl.program_id(1)
-    chunk = tl.program_id(2)
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP
     heads = kvh * GROUP + rows
+    n_ranked = _ranked_pages(LENS, n, page_size)
+    live = tl.cdiv(n_ranked, SCORE_BLOCK)  # score chunks holding a ranked page
     part = M_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
     lpart = L_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
     m_run = tl.full([ROWS], float("-inf"), tl.float32)
     z_run = tl.zeros([ROWS], tl.float32)
-    for c0 in range(0, num_chunks, BLOCK_C):
+    for c0 in range(0, live, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cs < num_chunks)[None, :]
+        ok = row_ok[:, None] & (cs < live)[None, :]
         m = tl.load(part[:, None] + cs[None, :], mask=ok, other=float("-inf"))
         l = tl.load(lpart[:, None] + cs[None, :], mask=ok, other=0.0)
         m_new = tl.maximum(m_run, tl.max(m, 1))
@@ -101,20 +132,27 @@ def _group_reduce_kernel(
         m_run = m_new
     m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
     inv_z = tl.where(z_run > 0, 1.0 / z_run, 0.0)
-    pages = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = pages < max_pages
-    s = tl.load(S + n.to(tl.int64) * stride_sn + heads[:, None] * stride_sh + pages[None, :],
-                mask=row_ok[:, None] & p_ok[None, :], other=float("-inf"))
-    score = tl.sum(tl.exp(s - m_safe[:, None]) * inv_z[:, None], 0)
-    if WRITE_SCORES:
-        tl.store(OUT + n.to(tl.int64) * stride_on + kvh * stride_oh + pages, score, mask=p_ok)
-    else:
-        kv_len = tl.load(LENS + n)
-        ranked = pages < (kv_len + page_size - 1) // page_size - 1
-        keys = tl.sort(_page_keys(score, pages, ranked), 0, descending=True)
-        row = (n * tl.num_programs(1) + kvh).to(tl.int64)
-        offs = tl.arange(0, BLOCK_P)
-        tl.store(CAND + row * stride_cr + chunk * KC + offs, keys, mask=offs < KC)
+    offs = tl.arange(0, BLOCK_P)
+    row = (n * tl.num_programs(1) + kvh).to(tl.int64)
+    for chunk in range(tl.program_id(2), num_chunks, tl.num_programs(2)):
+        pages = chunk * BLOCK_P + offs
+        p_ok = pages < max_pages
+        if chunk * BLOCK_P < n_ranked:
+            ranked = pages < n_ranked
+            s = tl.load(S + n.to(tl.int64) * stride_sn + heads[:, None] * stride_sh + pages[None, :],
+                        mask=row_ok[:, None] & ranked[None, :], other=float("-inf"))
+            score = tl.sum(tl.exp(s - m_safe[:, None]) * inv_z[:, None], 0)
+            if WRITE_SCORES:
+                tl.store(OUT + n.to(tl.int64) * stride_on + kvh * stride_oh + pages, score, mask=p_ok)
+            else:
+                keys = tl.sort(_page_keys(score, pages, ranked), 0, descending=True)
+                tl.store(CAND + row * stride_cr + chunk * KC + offs, keys, mask=offs < KC)
+        else:
+            if WRITE_SCORES:
+                tl.store(OUT + n.to(tl.int64) * stride_on + kvh * stride_oh + pages, tl.zeros([BLOCK_P], tl.float32),
+                         mask=p_ok)
+            else:
+                tl.store(CAND + row * stride_cr + chunk * KC + offs, tl.zeros([BLOCK_P], tl.int64), mask=offs < KC)
 
 
 @triton.jit
@@ -128,20 +166,39 @@ def _page_keys(score, pages, ranked):
 @triton.jit
 def _top_keys_kernel(
     KEYS, OUT, PAGES, stride_kr, stride_or, stride_pr, num_keys, k,
-    BLOCK: tl.constexpr, KC: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK: tl.constexpr, KC: tl.constexpr, MID: tl.constexpr, FINAL: tl.constexpr,
 ):
     # grid = (rows, cdiv(num_keys, BLOCK)): the top KC keys of each BLOCK of a row's candidates (bitonic sort);
     # FINAL (one block per row): decode the first k into page ids (-1 for unranked padding).
+    # Candidates of chunks past a sequence's last ranked page are 0 keys: a block of zeros is passed on without
+    # a sort, and FINAL sorts only the smallest width (KC, MID or BLOCK) that holds every nonzero key.
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    keys = tl.sort(tl.load(KEYS + row * stride_kr + offs, mask=offs < num_keys, other=0), 0, descending=True)
     first = tl.arange(0, BLOCK)
+    offs = blk * BLOCK + first
+    keys = tl.load(KEYS + row * stride_kr + offs, mask=offs < num_keys, other=0)
     if FINAL:
-        page = tl.where(keys > 0, 4294967295 - (keys & 4294967295), -1).to(tl.int32)
-        tl.store(PAGES + row * stride_pr + first, page, mask=first < k)
+        filled = tl.max(tl.where(keys > 0, first + 1, 0), 0)  # keys from here on are all 0
+        if filled <= KC:
+            _emit_top_pages(KEYS + row * stride_kr, PAGES + row * stride_pr, num_keys, k, KC)
+        elif filled <= MID:
+            _emit_top_pages(KEYS + row * stride_kr, PAGES + row * stride_pr, num_keys, k, MID)
+        else:
+            _emit_top_pages(KEYS + row * stride_kr, PAGES + row * stride_pr, num_keys, k, BLOCK)
     else:
+        if tl.max(keys, 0) > 0:
+            keys = tl.sort(keys, 0, descending=True)
         tl.store(OUT + row * stride_or + blk * KC + first, keys, mask=first < KC)
+
+
+@triton.jit
+def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
+    """Sort a row's first WIDTH candidate keys (0 past num_keys) and store the first k as page ids
+    (-1 for a 0 key: fewer than k ranked pages)."""
+    offs = tl.arange(0, WIDTH)
+    keys = tl.sort(tl.load(KEYS_ROW + offs, mask=offs < num_keys, other=0), 0, descending=True)
+    page = tl.where(keys > 0, 4294967295 - (keys & 4294967295), -1).to(tl.int32)
+    tl.store(PAGES_ROW + offs, page, mask=offs < k)
 
 
 def _compute_dtype(minmax: torch.Tensor):
@@ -154,6 +211,18 @@ def _compute_dtype(minmax: torch.Tensor):
     if minmax.dtype == torch.bfloat16:
         return tl.bfloat16, "ieee"
     raise ValueError(f"min/max cache dtype {minmax.dtype}: allowed float32, float16, bfloat16, float8_e5m2")
+
+
+def _score_block() -> int:
+    """Pages per `_scores_kernel` chunk."""
+    return 32 if interpreting() else 128
+
+
+def _programs_per_row(chunks: int, rows: int) -> int:
+    """Programs per (decode, KV head) along the page axis: one per chunk up to ~PROGRAMS_PER_LAUNCH programs in
+    all, then each loops over several chunks. Shape-only (graph-safe); caps the programs a wide decode-graph
+    table launches, since programs past a sequence's last page still cost a launch slot each."""
+    return max(1, min(chunks, triton.cdiv(PROGRAMS_PER_LAUNCH, max(rows, 1))))
 
 
 def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale):
@@ -169,13 +238,13 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head_dim={d}: the page scoring kernel needs a power of two in [16, 256]")
     g = h // hkv
-    block_p = 32 if interpreting() else 128
+    block_p = _score_block()
     chunks = triton.cdiv(max_pages, block_p)
     s = torch.empty(n, h, max_pages, dtype=torch.float32, device=q.device)
     m_part = torch.empty(n, h, chunks, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     compute, precision = _compute_dtype(lo)
-    _scores_kernel[(n, hkv, chunks)](
+    _scores_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
         q, lo, block_tables, seq_lens, s, m_part, l_part,
         q.stride(0), q.stride(1),
         lo.stride(0), lo.stride(1), (hi.data_ptr() - lo.data_ptr()) // lo.element_size(), lo.stride(2),
@@ -190,7 +259,8 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
 def _reduce_args(s, m_part, l_part, hkv):
     g = s.shape[1] // hkv
     chunks = m_part.shape[2]
-    return dict(GROUP=g, ROWS=max(2, next_pow2(g)), BLOCK_C=min(64, max(2, next_pow2(chunks)))), chunks
+    return dict(GROUP=g, ROWS=max(2, next_pow2(g)), BLOCK_C=min(64, max(2, next_pow2(chunks))),
+                SCORE_BLOCK=_score_block())
 
 
 def group_page_scores(
@@ -214,9 +284,10 @@ def group_page_scores(
     if n == 0 or max_pages == 0:
         return out
     s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
-    meta, chunks = _reduce_args(s, m_part, l_part, hkv)
-    block_p = 32 if interpreting() else 128
-    _group_reduce_kernel[(n, hkv, triton.cdiv(max_pages, block_p))](
+    meta = _reduce_args(s, m_part, l_part, hkv)
+    block_p = _score_block()
+    chunks = triton.cdiv(max_pages, block_p)
+    _group_reduce_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
         s, m_part, l_part, seq_lens, out, out,
         s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1), 0,
         max_pages, chunks, page_size, BLOCK_P=block_p, KC=1, WRITE_SCORES=True, num_warps=4, **meta,
@@ -252,10 +323,11 @@ def select_top_pages(
     block_r = max(64 if interpreting() else 1024, 2 * kc)
     block_t = max(16 if interpreting() else 4096, 2 * kc)
     s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
-    meta, chunks = _reduce_args(s, m_part, l_part, hkv)
-    n_cand = triton.cdiv(max_pages, block_r) * kc
+    meta = _reduce_args(s, m_part, l_part, hkv)
+    chunks = triton.cdiv(max_pages, block_r)
+    n_cand = chunks * kc
     cand = torch.empty(n * hkv, n_cand, dtype=torch.int64, device=q.device)
-    _group_reduce_kernel[(n, hkv, triton.cdiv(max_pages, block_r))](
+    _group_reduce_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
         s, m_part, l_part, seq_lens, s, cand,
         s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), 0, 0, cand.stride(0),
         max_pages, chunks, page_size, BLOCK_P=block_r, KC=kc, WRITE_SCORES=False, num_warps=8, **meta,
@@ -265,9 +337,10 @@ def select_top_pages(
         blocks = triton.cdiv(n_cand, block_t)
         final = blocks == 1
         out = cand if final else torch.empty(n * hkv, blocks * kc, dtype=torch.int64, device=q.device)
+        block = block_t if not final else max(2, next_pow2(n_cand))
         _top_keys_kernel[(n * hkv, blocks)](
             cand, out, flat, cand.stride(0), out.stride(0), flat.stride(0), n_cand, k,
-            BLOCK=block_t if not final else max(2, next_pow2(n_cand)), KC=kc, FINAL=final, num_warps=8,
+            BLOCK=block, KC=kc, MID=min(block, FINAL_MID_FACTOR * kc), FINAL=final, num_warps=8,
         )
         if final:
             return pages

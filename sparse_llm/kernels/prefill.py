@@ -6,8 +6,11 @@ GQA is native (query head h reads KV head h // group, nothing is repeated). fp16
 in, fp32 accumulation, online softmax in base 2 (scores pre-multiplied by scale * log2(e)).
 
 grid = (cdiv(max_seqlen_q, BLOCK_M), num_heads, num_seqs); the longest query tiles start first.
-Per program, KV tiles in ascending order: first those every row sees whole (no mask), then the
-diagonal ones (causal + end-of-sequence mask).
+Per program, the dense build visits KV tiles in ascending order: first those every row sees whole (no
+mask), then the diagonal ones (causal + end-of-sequence mask). The skip build visits them "sink,
+diagonal, rest nearest first" (kernels/geometry.py, PREFILL_ORDER): tile 0, the diagonal tiles, then
+the other unmasked tiles in descending order, so the running max holds the sink and the local scores
+before the middle tiles are judged (when tile 0 is itself diagonal, just the diagonal tiles).
 
 Skip-softmax (IS_SKIP, a constexpr: the dense build contains none of it): after QK^T of a tile,
     skip  <=>  max over valid rows r of (tile_rowmax_r - m_r)  <  log2(λ)
@@ -144,10 +147,15 @@ def _kv_tiles(
     offs_n, offs_d,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     IS_SKIP: tl.constexpr, BOUND_SKIP: tl.constexpr, SEG: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DESCENDING: tl.constexpr = False,
 ):
-    """KV tiles [lo, hi) of one query tile. MASKED: apply causal + end-of-sequence masks."""
-    for start_n in range(lo, hi, BLOCK_N):
+    """KV tiles [lo, hi) of one query tile. MASKED: apply causal + end-of-sequence masks. DESCENDING: visit
+    them from hi - BLOCK_N down to lo (lo, hi multiples of BLOCK_N)."""
+    for i in range(lo, hi, BLOCK_N):
+        if DESCENDING:
+            start_n = lo + hi - BLOCK_N - i
+        else:
+            start_n = i
         kv_idx = start_n + offs_n
         if MASKED:
             kv_ok = kv_idx < kv_len
@@ -238,16 +246,35 @@ def _prefill_kernel(
     first_pos = ctx + pid_m * BLOCK_M
     hi = ctx + tl.minimum(q_len, (pid_m + 1) * BLOCK_M)  # one past the last valid row's position
     mid = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # tiles below `mid` are visible to every row
-    acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
-        acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
-        k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, 0, mid, qk_scale,
-        offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
-    )
-    acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
-        acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
-        k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, mid, hi, qk_scale,
-        offs_n, offs_d, PAGE_SIZE, BLOCK_N, True, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
-    )
+    if IS_SKIP:  # sink, diagonal, rest nearest first (geometry.prefill_tile_order); empty ranges when mid == 0
+        sink_end = tl.minimum(mid, BLOCK_N)
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, 0, sink_end,
+            qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+        )
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, mid, hi,
+            qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, True, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+        )
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, sink_end, mid,
+            qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+            DESCENDING=True,
+        )
+    else:
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, 0, mid, qk_scale,
+            offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+        )
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, mid, hi, qk_scale,
+            offs_n, offs_d, PAGE_SIZE, BLOCK_N, True, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+        )
     out = acc / l_i[:, None]
     o_ptrs = O + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None])
