@@ -557,6 +557,13 @@ def parse_args(argv=None):
     return args
 
 
+
+def result_path(name: str, device: torch.device, cpu_smoke: bool, out: str | None) -> tuple[str, str]:
+    """(device name, JSON path): benchmarks/results/<name>_<gpu slug>.json unless --out names one."""
+    gpu = "cpu-smoke" if cpu_smoke else torch.cuda.get_device_name(device)
+    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
+    return gpu, out or os.path.join("benchmarks", "results", f"{name}_{slug}.json")
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
@@ -565,9 +572,7 @@ def main(argv=None) -> int:
         raise SystemExit("no CUDA device: run on a GPU, or use --quick --cpu-smoke for a CPU smoke run")
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    gpu = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
-    out_path = args.out or os.path.join("benchmarks", "results", f"attention_kernels_{slug}.json")
+    gpu, out_path = result_path("attention_kernels", device, args.cpu_smoke, args.out)
     bench = timer(device)
     planner = flashinfer_planner(args, device, dtype)
     result = {

@@ -49,7 +49,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from attention_kernels import _cudnn_prefill, metadata, paged_cache, synthetic_kv_q  # noqa: E402
+from attention_kernels import _cudnn_prefill, metadata, paged_cache, result_path, synthetic_kv_q  # noqa: E402
 
 from sparse_llm.kernels.prefill import paged_prefill  # noqa: E402
 
@@ -299,9 +299,7 @@ def main(argv=None) -> int:
             raise SystemExit("no CUDA device: run on a GPU, or with --cpu-smoke")
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    gpu = "cpu-smoke" if args.cpu_smoke else torch.cuda.get_device_name(device)
-    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "-")
-    out_path = args.out or os.path.join("benchmarks", "results", f"prefill_variants_{slug}.json")
+    gpu, out_path = result_path("prefill_variants", device, args.cpu_smoke, args.out)
     table = variants(args.cpu_smoke)
     if args.only:
         unknown = sorted(set(args.only) - set(table))
