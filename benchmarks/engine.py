@@ -107,24 +107,30 @@ def load_smollm2(device: torch.device, dtype: torch.dtype):
     return ours, hf
 
 
+def our_llama(config, device: torch.device, dtype: torch.dtype):
+    """Our LlamaForCausalLM built directly in `dtype` on `device` (weights random until loaded)."""
+    from sparse_llm.models.llama import LlamaForCausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+
+
 def build_random_llama(device: torch.device, dtype: torch.dtype, shape: dict):
     """HF LlamaForCausalLM with random weights, and ours holding the very same weights."""
     import transformers
 
-    from sparse_llm.models.llama import LlamaForCausalLM
     from sparse_llm.models.weights import load_weights
 
     config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     with torch.device(device):
         hf = transformers.LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
+    model = our_llama(config, device, dtype)
     load_weights(model, hf.state_dict().items(), source="random HF model")
     model.to(device).eval()  # buffers built on the host (RoPE tables) move too
     layers = model.attention_layers()

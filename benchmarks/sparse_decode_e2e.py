@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from engine import LLAMA3_8B, SMOLLM2_SHAPE, CountingTokenizer, ours_decode_rate, random_prompts  # noqa: E402
+from engine import LLAMA3_8B, SMOLLM2_SHAPE, CountingTokenizer, our_llama, ours_decode_rate, random_prompts  # noqa: E402
 
 from sparse_llm.configs.llm_args import LlmArgs  # noqa: E402
 from sparse_llm.configs.sparse import RocketSparseAttentionConfig  # noqa: E402
@@ -41,17 +41,9 @@ def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> Loade
     """Our Llama with random weights (normal, std 0.02), without building an HF copy."""
     import transformers
 
-    from sparse_llm.models.llama import LlamaForCausalLM
-
     config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
+    model = our_llama(config, device, dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)

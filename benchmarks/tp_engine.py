@@ -35,7 +35,7 @@ from sparse_llm.engine.sampling_params import SamplingParams  # noqa: E402
 from sparse_llm.llm import LLM  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from engine import LLAMA3_8B, CountingTokenizer  # noqa: E402  (the engine benchmark's random 8B shape)
+from engine import LLAMA3_8B, CountingTokenizer, our_llama  # noqa: E402  (the engine benchmark's random 8B shape)
 
 QUICK_LAYERS = 2
 # A tiny shape for a CPU smoke run of the same code path (gloo, 2 processes).
@@ -74,19 +74,12 @@ def full_tensors(config, device: torch.device, dtype: torch.dtype):
 
 def random_llama(args: LlmArgs, device: torch.device):
     """launch_tensor_parallel loader (module level: picklable for the worker processes)."""
-    from sparse_llm.models.llama import LlamaForCausalLM
     from sparse_llm.models.loader import LoadedModel, resolve_dtype
     from sparse_llm.models.weights import load_weights
 
     config = hf_config(args.model)
     dtype = resolve_dtype(args.dtype, device)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
+    model = our_llama(config, device, dtype)
     load_weights(model, full_tensors(config, device, dtype), source=args.model)
     model.to(device).eval()
     layers = model.attention_layers()
