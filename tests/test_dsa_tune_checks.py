@@ -82,6 +82,7 @@ def test_launch_table_when_switched_on(monkeypatch):
     monkeypatch.setattr(dsa_launch, "USE_TUNED_DSA_LAUNCH", True)
     assert dsa_launch.dsa_launch(8, 100000, torch.device("cuda")) is dsa_launch.TUNED_DSA_LAUNCH[("B8", "128K")]
     assert dsa_launch.dsa_launch(8, 100000, torch.device("cpu")) == {}  # the interpreter keeps its own tiles
+    assert dsa_launch.dsa_launch(8, 100000, torch.device("cuda"), num_heads=16, head_dim=576) == {}  # not the tuned shape
 
 
 def test_select_topk_refuses_unknown_methods():

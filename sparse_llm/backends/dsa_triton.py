@@ -54,7 +54,7 @@ class DsaTritonBackend(DsaBackendBase):
         for start in range(0, rows.numel(), step):
             r = rows[start:start + step]
             nv = n_valid[r]
-            launch = dsa_launch(r.numel(), max_len, q.device)  # {} (kernel defaults) unless the tuned table is on
+            launch = dsa_launch(r.numel(), max_len, q.device, q.shape[1], q.shape[2])  # {}: the kernels' defaults
             if INDEXER_K_SCALE in cache:  # rotation + fp8 quantisation of the queries in one kernel
                 iq, iw = prepare_indexer_query_fp8(indexer.q[r], indexer.weights[r])
             else:

@@ -47,10 +47,17 @@ def shape_class(rows: int, max_len: int) -> tuple[str, str]:
     return batch, "32K" if max_len <= 65536 else "128K"
 
 
-def dsa_launch(rows: int, max_len: int, device: torch.device) -> dict:
-    """Launch parameters for the backend: {} (the kernels' defaults) unless the tuned table is switched on and
-    this is a CUDA device (the table was measured on one; the interpreter keeps its small fixed tiles)."""
-    if not USE_TUNED_DSA_LAUNCH or device.type != "cuda":
+# The table was measured at DeepSeek-V3.2's attention shape: 128 query heads over one 512 + 64 latent.
+TUNED_NUM_HEADS = 128
+TUNED_HEAD_DIM = 576
+
+
+def dsa_launch(rows: int, max_len: int, device: torch.device, num_heads: int = TUNED_NUM_HEADS,
+               head_dim: int = TUNED_HEAD_DIM) -> dict:
+    """Launch parameters for the backend: {} (the kernels' defaults) unless the tuned table is switched on, this
+    is a CUDA device (the table was measured on one; the interpreter keeps its small fixed tiles) and the layer
+    has the shape it was measured at (other head counts keep the kernels' own defaults, e.g. tiny test models)."""
+    if not USE_TUNED_DSA_LAUNCH or device.type != "cuda" or (num_heads, head_dim) != (TUNED_NUM_HEADS, TUNED_HEAD_DIM):
         return {}
     return TUNED_DSA_LAUNCH[shape_class(rows, max_len)]
 
