@@ -30,12 +30,16 @@ def split_counts(total: int, bins: int) -> list[int]:
 
 
 def build_samples(tokenizer, lengths: list[int], counts: list[int], seed: str, reserve: int = 0) -> dict[int, list[list[int]]]:
-    """Prompts of at most `length - reserve` tokens (room left for the recorded decode steps), keyed by length."""
+    """Prompts of at most `length - reserve` tokens (room left for the recorded decode steps), keyed by length.
+
+    Prompt j of the i-th length is task (i + j) mod 5: the task mix rotates across lengths too, so even one
+    prompt per length (the held-out acceptance's default) covers every task instead of repeating the first.
+    """
     out: dict[int, list[list[int]]] = {}
-    for length, count in zip(lengths, counts, strict=True):
+    for i, (length, count) in enumerate(zip(lengths, counts, strict=True)):
         prompts = []
         for j in range(count):
-            name = CALIBRATION_TASKS[j % len(CALIBRATION_TASKS)]
+            name = CALIBRATION_TASKS[(i + j) % len(CALIBRATION_TASKS)]
             task = get_task(name, length - reserve)
             _, _, ids = fit_to_length(task.build, f"{seed}-{length}-{j}", tokenizer, length - reserve, name)
             prompts.append(ids)
