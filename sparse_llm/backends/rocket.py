@@ -12,34 +12,18 @@ a last chunk shorter than the window still scores with the full window.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
-from sparse_llm.backends.base import AttentionBackend, AttentionMetadata, CacheSpec, write_kv
+from sparse_llm.backends.base import AttentionMetadata, CacheSpec, write_kv
+from sparse_llm.backends.prompt_window import PromptWindowBackend
 from sparse_llm.backends.rocket_select import page_minmax, prompt_keep_indices, select_pages
-from sparse_llm.backends.torch_dense import gather_kv, paged_attention_torch
+from sparse_llm.backends.torch_dense import gather_kv
 from sparse_llm.configs.params import RocketParams
 
 KT_DTYPES = {"bfloat16": torch.bfloat16, "float8_e5m2": torch.float8_e5m2}
 
 
-def prefill_part(meta: AttentionMetadata) -> AttentionMetadata:
-    """The metadata of the batch's prefill sequences only (for the dense prefill path)."""
-    n = meta.num_prefills
-    return dataclasses.replace(
-        meta,
-        cu_seqlens_q=meta.cu_seqlens_q[:n + 1],
-        seq_lens=meta.seq_lens[:n],
-        block_tables=meta.block_tables[:n],
-        seq_lens_cpu=None if meta.seq_lens_cpu is None else meta.seq_lens_cpu[:n],
-        query_lens_cpu=None if meta.query_lens_cpu is None else meta.query_lens_cpu[:n],
-        threshold_scale_factor=None,
-        seq_stats=None,
-    )
-
-
-class TorchRocketBackend(AttentionBackend):
+class TorchRocketBackend(PromptWindowBackend):
     name = "torch"
     algorithms = frozenset({"rocket"})
     devices = frozenset({"cpu", "cuda"})
@@ -48,9 +32,7 @@ class TorchRocketBackend(AttentionBackend):
         super().__init__(layer, params)
         if params.kt_cache_dtype not in KT_DTYPES:
             raise ValueError(f"rocket kt_cache_dtype={params.kt_cache_dtype!r}: allowed {sorted(KT_DTYPES)}")
-        self.window_q: dict[int, torch.Tensor] = {}  # seq_id -> [<= W, H, D]
-        self.pending: dict[int, torch.Tensor] = {}  # seq_id -> kept cache positions [Hkv, budget]
-        self.compacted: set[int] = set()
+        self.compacted: set[int] = set()  # pending: seq_id -> kept cache positions [Hkv, budget]
 
     def cache_spec(self, block_size: int, dtype: torch.dtype) -> list[CacheSpec]:
         ps = self.params.page_size
@@ -62,35 +44,10 @@ class TorchRocketBackend(AttentionBackend):
                        KT_DTYPES[self.params.kt_cache_dtype])
         return super().cache_spec(block_size, dtype) + [kt]
 
-    # --- forward --------------------------------------------------------------------------------------
-    def forward(self, q, k, v, cache, meta):
-        write_kv(cache["kv"], k, v, meta.slot_mapping)
-        out = torch.empty(q.shape[0], q.shape[1], cache["kv"].shape[-1], dtype=q.dtype, device=q.device)
-        npt = meta.num_prefill_tokens
-        if meta.num_prefills:
-            out[:npt] = paged_attention_torch(q[:npt], cache["kv"], prefill_part(meta), self.layer.scale)
-            if meta.compact_to is not None and meta.seq_ids is not None:
-                self._prefill_selection(q, cache["kv"], meta)
-        if meta.num_decodes:
-            out[npt:] = self._decode(q[npt:], cache, meta)
-        return out
-
-    def _prefill_selection(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Keep each prefill sequence's trailing window queries; choose the kept tokens of those compacting now."""
-        W = self.params.window_size
-        cu = meta.cu_seqlens_q.tolist()
-        seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
-        for i in range(meta.num_prefills):
-            sid, qlen, kv_len = meta.seq_ids[i], cu[i + 1] - cu[i], seq_lens[i]
-            chunk = q[cu[i]:cu[i + 1]]
-            prev = self.window_q.get(sid) if kv_len > qlen else None  # a first chunk starts a new window
-            win = chunk[-W:] if prev is None else torch.cat([prev, chunk])[-W:]
-            self.window_q[sid] = win
-            target = meta.compact_to[i]
-            if target:
-                keys, _ = gather_kv(kv, meta.block_tables[i], kv_len)
-                self.pending[sid] = prompt_keep_indices(win, keys, self.layer.scale, self.params.kernel_size, target)
-                del self.window_q[sid]
+    # --- prompt compression and decode ---------------------------------------------------------------
+    def select(self, q_window: torch.Tensor, keys: torch.Tensor, budget: int) -> torch.Tensor:
+        """Kept cache positions [Hkv, budget] of one prompt (SnapKV-style window scores, max-pooled)."""
+        return prompt_keep_indices(q_window, keys, self.layer.scale, self.params.kernel_size, budget)
 
     def _decode(self, q: torch.Tensor, cache: dict[str, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         p, ps = self.params, self.params.page_size

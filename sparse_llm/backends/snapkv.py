@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from sparse_llm.backends.base import AttentionBackend, AttentionMetadata, write_kv
+from sparse_llm.backends.base import AttentionMetadata
 from sparse_llm.backends.kv_compaction import pack_kept_tokens
-from sparse_llm.backends.rocket import prefill_part
+from sparse_llm.backends.prompt_window import PromptWindowBackend
 from sparse_llm.backends.snapkv_select import ada_keep, snapkv_keep, window_scores
-from sparse_llm.backends.torch_dense import gather_kv, gather_kv_batch, paged_attention_torch
+from sparse_llm.backends.torch_dense import gather_kv_batch
 from sparse_llm.configs.sparse_more import SnapKVParams
 
 
@@ -39,7 +39,7 @@ class Compacted:
     cache_len: int | None = None  # C: the sequence's cache length right after compaction (all layers)
 
 
-class SnapKVBackend(AttentionBackend):
+class SnapKVBackend(PromptWindowBackend):
     name = "torch"
     algorithms = frozenset({"snapkv", "ada_snapkv"})
     devices = frozenset({"cpu", "cuda"})
@@ -48,9 +48,7 @@ class SnapKVBackend(AttentionBackend):
         super().__init__(layer, params)
         if params.algorithm == "ada_snapkv" and params.floor_alpha is None:
             raise ValueError("ada_snapkv params need floor_alpha (a number in [0, 1])")
-        self.window_q: dict[int, torch.Tensor] = {}  # seq_id -> [<= W, H, D]
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # seq_id -> (keep, lens)
-        self.compacted: dict[int, Compacted] = {}
+        self.compacted: dict[int, Compacted] = {}  # pending: seq_id -> (keep, lens)
 
     # --- selection ------------------------------------------------------------------------------------
     def select(self, q_window: torch.Tensor, keys: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,39 +60,9 @@ class SnapKVBackend(AttentionBackend):
         keep = snapkv_keep(score, budget, q_window.shape[0])
         return keep, torch.full((keep.shape[0],), budget, dtype=torch.long, device=keep.device)
 
-    # --- forward --------------------------------------------------------------------------------------
-    def forward(self, q, k, v, cache, meta):
-        write_kv(cache["kv"], k, v, meta.slot_mapping)
-        out = torch.empty(q.shape[0], q.shape[1], cache["kv"].shape[-1], dtype=q.dtype, device=q.device)
-        npt = meta.num_prefill_tokens
-        if meta.num_prefills:
-            out[:npt] = paged_attention_torch(q[:npt], cache["kv"], prefill_part(meta), self.layer.scale)
-            if meta.compact_to is not None and meta.seq_ids is not None:
-                self._prefill_selection(q, cache["kv"], meta)
-        if meta.num_decodes:
-            out[npt:] = self._decode(q[npt:], cache["kv"], meta)
-        return out
-
-    def _prefill_selection(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> None:
-        """Keep each prefill sequence's trailing window queries; choose the kept tokens of those compacting now."""
-        W = self.params.window_size
-        cu = meta.cu_seqlens_q.tolist()
-        seq_lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens.tolist()
-        for i in range(meta.num_prefills):
-            sid, qlen, kv_len = meta.seq_ids[i], cu[i + 1] - cu[i], seq_lens[i]
-            if kv_len == qlen:  # a first chunk (or a recompute after preemption) starts afresh
-                self.on_sequence_freed(sid)
-            chunk = q[cu[i]:cu[i + 1]]
-            prev = self.window_q.get(sid)
-            win = chunk[-W:] if prev is None else torch.cat([prev, chunk])[-W:]
-            self.window_q[sid] = win
-            if meta.compact_to[i]:
-                keys, _ = gather_kv(kv, meta.block_tables[i], kv_len)
-                self.pending[sid] = self.select(win, keys, meta.compact_to[i])
-                del self.window_q[sid]
-
-    def _decode(self, q: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, cache: dict[str, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """Dense attention over each head's valid slots: [0, n_h) and [C, kv_len) when compacted, else all."""
+        kv = cache["kv"]
         n0 = meta.num_prefills
         lens = meta.seq_lens[n0:].long()
         seq_lens = meta.seq_lens_cpu[n0:] if meta.seq_lens_cpu is not None else lens.tolist()
