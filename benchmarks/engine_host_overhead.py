@@ -138,7 +138,6 @@ def tiny_llama(vocab_size: int, device: torch.device, dtype: torch.dtype, tokeni
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab_size, max_position_embeddings=8192, architectures=["LlamaForCausalLM"],
     )
-    torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -146,6 +145,12 @@ def tiny_llama(vocab_size: int, device: torch.device, dtype: torch.dtype, tokeni
             model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(old)
+    # Our parameters start uninitialised (a checkpoint fills them): give them seeded values, or every run (and every
+    # test using this harness) would generate from whatever the allocator left there.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02)
     layers = model.attention_layers()
     return LoadedModel(
         model=model, hf_config=config, tokenizer=tok, checkpoint_meta=None, attention_layers=layers,

@@ -153,9 +153,9 @@ def tok():
     return byte_level_tokenizer()
 
 
-def eager_texts(tok, prompt: list[int], ids: list[int]) -> list[str]:
+def eager_texts(tok, prompt: list[int], ids: list[int], skip_special_tokens: bool = True) -> list[str]:
     """Text after each token when every token is decoded as it comes (a stop string forces that path)."""
-    d = IncrementalDetokenizer(tok, prompt, stop=["\x00never\x00"])
+    d = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special_tokens, stop=["\x00never\x00"])
     out = []
     for t in ids:
         assert d.add_token(t) is None
@@ -244,7 +244,7 @@ def test_offline_and_streaming_runs_give_the_same_tokens_and_text(tiny, tok):
         engine.close()
     for i, out in enumerate(offline):
         assert out.token_ids == final[str(i)].token_ids and len(out.token_ids) == 23
-        assert out.text == final[str(i)].text == eager_texts(tok, prompts[i], out.token_ids)[-1]
+        assert out.text == final[str(i)].text == eager_texts(tok, prompts[i], out.token_ids, skip_special_tokens=False)[-1]
 
 
 def test_host_overhead_harness_reports_every_phase(tiny):
