@@ -5,7 +5,10 @@
   for a call is fine (see sparse_llm.models.testing.single_prefill_logits, which restores them).
 - `hf_smollm2`: transformers' LlamaForCausalLM from the same GGUF (float32, eval). Loading it takes ~20 s,
   so only tests that compare against HF should request it.
-- `real_text` / `smollm2_prompt_ids`: real English prose and its first 256 SmolLM2 tokens.
+- `real_text` / `smollm2_prompt_ids`: real English prose and its first 256 SmolLM2 tokens; `long_prompt`: 601
+  tokens of it (repeated), for the prompt-compression tests.
+- `llm_factory`: a function, `llm_factory(loaded, **base)`, that is the body of a module's `make_llm` fixture (LLMs on
+  the shared model share its layers, so the previous one is closed before the next is built).
 """
 from __future__ import annotations
 
@@ -69,3 +72,33 @@ def smollm2_prompt_ids(smollm2) -> list[int]:
     ids = smollm2.tokenizer(REAL_TEXT)["input_ids"]
     assert len(ids) >= 256, f"REAL_TEXT has only {len(ids)} tokens"
     return ids[:256]
+
+
+@pytest.fixture(scope="session")
+def long_prompt(smollm2) -> list[int]:
+    ids = smollm2.tokenizer(REAL_TEXT + "\n\n" + REAL_TEXT)["input_ids"]
+    assert len(ids) >= 601
+    return ids[:601]
+
+
+def _llm_factory(loaded, **base):
+    """Yields make(**overrides) -> LLM on `loaded`; closes the previous LLM first and the last one at teardown."""
+    from sparse_llm.llm import LLM
+
+    current = []
+
+    def make(**kw):
+        while current:
+            current.pop().close()
+        llm = LLM.from_loaded(loaded, **{**base, **kw})
+        current.append(llm)
+        return llm
+
+    yield make
+    while current:
+        current.pop().close()
+
+
+@pytest.fixture(scope="session")
+def llm_factory():
+    return _llm_factory

@@ -10,7 +10,6 @@ import torch
 from sparse_llm.backends.streaming import skipped_keys, total_keys
 from sparse_llm.engine.detokenizer import IncrementalDetokenizer
 from sparse_llm.engine.sampling_params import SamplingParams
-from sparse_llm.llm import LLM
 
 pytestmark = pytest.mark.slow
 
@@ -19,20 +18,9 @@ BASE = dict(max_model_len=256, kv_cache_config={"max_tokens": 4096, "enable_pref
 
 
 @pytest.fixture(scope="module")
-def make_llm(smollm2):
+def make_llm(smollm2, llm_factory):
     """Builds LLMs on the shared model, closing the previous one first (they share its layers)."""
-    current: list[LLM] = []
-
-    def make(**kwargs) -> LLM:
-        while current:
-            current.pop().close()
-        llm = LLM.from_loaded(smollm2, **{**BASE, **kwargs})
-        current.append(llm)
-        return llm
-
-    yield make
-    while current:
-        current.pop().close()
+    yield from llm_factory(smollm2, **BASE)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_llm.backends.base import AttentionMetadata, LayerSpec
+from sparse_llm.backends.base import LayerSpec
 from sparse_llm.backends.registry import backend_class
 from sparse_llm.backends.rocket import TorchRocketBackend
 from sparse_llm.backends.rocket_select import page_minmax, prompt_keep_indices, select_pages
 from sparse_llm.configs.params import RocketParams
+from sparse_llm.models.testing import chunk_metadata
 
 H, HKV, D, BS, PS = 6, 2, 8, 8, 4
 SCALE = D ** -0.5
@@ -29,21 +30,7 @@ def make_backend(**kw) -> tuple[TorchRocketBackend, dict[str, torch.Tensor]]:
 
 def meta_for(tables, starts, qlens, num_prefills, seq_ids, compact_to):
     """Metadata for sequences whose new tokens are cache positions [start, start + qlen)."""
-    slots, lens = [], []
-    for t, st, n in zip(tables, starts, qlens):
-        pos = torch.arange(st, st + n)
-        slots.append(torch.tensor(t)[pos // BS].long() * BS + pos % BS)
-        lens.append(st + n)
-    width = max(len(t) for t in tables)
-    cu = torch.zeros(len(qlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(qlens), 0)
-    return AttentionMetadata(
-        num_prefills=num_prefills, num_prefill_tokens=sum(qlens[:num_prefills]), cu_seqlens_q=cu,
-        seq_lens=torch.tensor(lens, dtype=torch.int32), max_seqlen_q=max(qlens), max_seqlen_k=max(lens),
-        slot_mapping=torch.cat(slots), block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        block_size=BS, seq_stats=torch.zeros(len(qlens), 2, dtype=torch.int64), seq_lens_cpu=lens,
-        query_lens_cpu=list(qlens), seq_ids=list(seq_ids), compact_to=list(compact_to),
-    )
+    return chunk_metadata(tables, starts, qlens, num_prefills, seq_ids, compact_to, BS)
 
 
 def attend(q, k, v, mask=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_llm.backends.base import AttentionMetadata, LayerSpec
+from sparse_llm.backends.base import LayerSpec
 from sparse_llm.backends.registry import backend_class
 from sparse_llm.backends.snapkv import SnapKVBackend
 from sparse_llm.backends.snapkv_select import ada_keep, snapkv_keep, window_scores
@@ -15,6 +15,7 @@ from sparse_llm.engine.compaction import CompactionPolicy, apply_compaction
 from sparse_llm.engine.sampling_params import SamplingParams
 from sparse_llm.engine.scheduler import ScheduledBatch
 from sparse_llm.engine.sequence import Sequence
+from sparse_llm.models.testing import chunk_metadata
 
 D, BS, NB = 8, 8, 32
 BUDGET, W, KS = 13, 4, 3
@@ -31,21 +32,7 @@ def make_backend(H, HKV, **kw):
 
 
 def meta_for(tables, starts, qlens, num_prefills, compact_to):
-    slots, lens = [], []
-    for t, st, n in zip(tables, starts, qlens):
-        pos = torch.arange(st, st + n)
-        slots.append(torch.tensor(t)[pos // BS].long() * BS + pos % BS)
-        lens.append(st + n)
-    width = max(len(t) for t in tables)
-    cu = torch.zeros(len(qlens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(qlens), 0)
-    return AttentionMetadata(
-        num_prefills=num_prefills, num_prefill_tokens=sum(qlens[:num_prefills]), cu_seqlens_q=cu,
-        seq_lens=torch.tensor(lens, dtype=torch.int32), max_seqlen_q=max(qlens), max_seqlen_k=max(lens),
-        slot_mapping=torch.cat(slots), block_size=BS, seq_stats=torch.zeros(len(qlens), 2, dtype=torch.int64),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        seq_lens_cpu=lens, query_lens_cpu=list(qlens), seq_ids=list(range(len(qlens))), compact_to=list(compact_to),
-    )
+    return chunk_metadata(tables, starts, qlens, num_prefills, range(len(qlens)), compact_to, BS)
 
 
 def attend(q, k, v, mask, G):

@@ -12,29 +12,8 @@ ADA = {**SNAP, "algorithm": "ada_snapkv", "floor_alpha": 0.2}
 
 
 @pytest.fixture(scope="module")
-def long_prompt(smollm2, real_text) -> list[int]:
-    ids = smollm2.tokenizer(real_text + "\n\n" + real_text)["input_ids"]
-    assert len(ids) >= 601
-    return ids[:601]
-
-
-@pytest.fixture(scope="module")
-def make_llm(smollm2):
-    from sparse_llm.llm import LLM
-
-    current = []
-
-    def make(**kw):
-        while current:
-            current.pop().close()
-        base = dict(max_model_len=2048, kv_cache_config={"max_tokens": 4096, "enable_prefix_caching": False})
-        llm = LLM.from_loaded(smollm2, **{**base, **kw})
-        current.append(llm)
-        return llm
-
-    yield make
-    while current:
-        current.pop().close()
+def make_llm(smollm2, llm_factory):
+    yield from llm_factory(smollm2, max_model_len=2048, kv_cache_config={"max_tokens": 4096, "enable_prefix_caching": False})
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ to compact (`meta.compact_to`) they score the cached keys with that window and p
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 
 import torch
 
@@ -39,12 +40,13 @@ class PromptWindowBackend(AttentionBackend):
         self.window_q: dict[int, torch.Tensor] = {}  # seq_id -> [<= W, H, D]
         self.pending: dict[int, object] = {}  # seq_id -> the selection, until on_step_end packs it
 
+    @abstractmethod
     def select(self, q_window: torch.Tensor, keys: torch.Tensor, budget: int):
         """The kept tokens of one prompt (the subclass's own form), from its window queries and cached keys."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _decode(self, q: torch.Tensor, cache: dict[str, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        raise NotImplementedError
+        """Outputs of the batch's decode rows q [B, H, D] (the algorithm's own cache layout after compaction)."""
 
     def forward(self, q, k, v, cache, meta):
         write_kv(cache["kv"], k, v, meta.slot_mapping)

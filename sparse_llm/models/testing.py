@@ -1,5 +1,6 @@
 """Helpers to run and build models without the engine: for tests, examples and quick checks.
 
+- `chunk_metadata`: a hand-built step (prefill chunks, then decodes) over given block tables, with compaction targets.
 - `single_prefill_logits`: one prompt through the model with a throwaway paged KV cache and the torch dense
   backend (the same code path the engine uses, minus scheduling).
 - `save_tiny_checkpoint`: a small random HF checkpoint (transformers' own model class, safetensors, plus a
@@ -36,6 +37,26 @@ def prefill_metadata(num_tokens: int, block_size: int, device: torch.device | st
         seq_lens_cpu=[num_tokens],
         query_lens_cpu=[num_tokens],
         seq_ids=[0],
+    )
+
+
+def chunk_metadata(tables, starts, qlens, num_prefills: int, seq_ids, compact_to, block_size: int) -> AttentionMetadata:
+    """One step whose sequence i writes cache positions [starts[i], starts[i] + qlens[i]) through block table
+    tables[i] (lists of block ids); the first num_prefills are prefill chunks, the rest decodes."""
+    slots, lens = [], []
+    for t, st, n in zip(tables, starts, qlens):
+        pos = torch.arange(st, st + n)
+        slots.append(torch.tensor(t)[pos // block_size].long() * block_size + pos % block_size)
+        lens.append(st + n)
+    width = max(len(t) for t in tables)
+    cu = torch.zeros(len(qlens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(qlens), 0)
+    return AttentionMetadata(
+        num_prefills=num_prefills, num_prefill_tokens=sum(qlens[:num_prefills]), cu_seqlens_q=cu,
+        seq_lens=torch.tensor(lens, dtype=torch.int32), max_seqlen_q=max(qlens), max_seqlen_k=max(lens),
+        slot_mapping=torch.cat(slots), block_size=block_size, seq_stats=torch.zeros(len(qlens), 2, dtype=torch.int64),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        seq_lens_cpu=lens, query_lens_cpu=list(qlens), seq_ids=list(seq_ids), compact_to=list(compact_to),
     )
 
 
