@@ -28,10 +28,33 @@ def load(dirs: list[Path]) -> list[dict]:
                 raise SystemExit(f"accuracy_table: {path} lacks {missing}; is it an eval summary.json?")
             rows.append({"config": path.parent.parent.name, "task": s["task"], "length": s["max_input_length"],
                          "samples": s["num_samples"], "accuracy": 100.0 * s["accuracy"], "sparsity": s["sparsity"],
-                         "algorithm": (s.get("sparse_attention_config") or {}).get("algorithm", "dense")})
+                         "algorithm": (s.get("sparse_attention_config") or {}).get("algorithm", "dense"),
+                         "scores": _scores(path.parent / "predictions.jsonl")})
     if not rows:
         raise SystemExit(f"accuracy_table: no summary.json under {[str(d) for d in dirs]}")
     return rows
+
+
+def _scores(path: Path) -> dict[int, float] | None:
+    """Per-sample scores by sample index (None when the predictions were not kept)."""
+    if not path.is_file():
+        return None
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["index"]] = float(rec["score"])
+    return out
+
+
+def paired(base: dict[int, float] | None, other: dict[int, float] | None) -> str:
+    """"-lost/+gained" samples against the baseline on the same inputs: at 20 samples one flipped sample is 5
+    points, and bf16 rounding alone flips borderline samples, so the paired counts say more than the difference."""
+    if not base or not other or set(base) != set(other):
+        return ""
+    lost = sum(1 for i in base if base[i] > other[i])
+    gained = sum(1 for i in base if base[i] < other[i])
+    return f"; -{lost}/+{gained}"
 
 
 def _pct(v: float | None) -> str:
@@ -66,7 +89,7 @@ def table(rows: list[dict], length: int, baseline: str, tolerance: float) -> str
             else:
                 delta = r["accuracy"] - base["accuracy"]
                 mark = "" if delta >= -tolerance else " ✗"
-                accs.append(f"{r['accuracy']:.1f} ({delta:+.1f}{mark})")
+                accs.append(f"{r['accuracy']:.1f} ({delta:+.1f}{mark}{paired(base['scores'], r['scores'])})")
             spars.append(f"{_pct(r['sparsity'].get('prefill'))} / {_pct(r['sparsity'].get('decode'))}")
         lines.append("| " + " | ".join([f"`{c}`"] + accs + spars) + " |")
     return "\n".join(lines)
@@ -82,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--tolerance must be >= 0, got {ns.tolerance}")
     rows = load(ns.dirs)
     print("\n\n".join(table(rows, n, ns.baseline, ns.tolerance) for n in sorted({r["length"] for r in rows})))
-    print(f"\nAccuracy in points (0-100); ✗ = more than {ns.tolerance:g} points below `{ns.baseline}`. "
+    print(f"\nAccuracy in points (0-100); ✗ = more than {ns.tolerance:g} points below `{ns.baseline}`; -lost/+gained = "
+          f"samples `{ns.baseline}` answered and the config did not / the reverse (same inputs). "
           "Sparsity: the sparse algorithm's achieved fraction of work skipped per phase, mean over requests; – = dense.")
     return 0
 

@@ -56,3 +56,19 @@ def test_errors_name_the_problem(tmp_path, accuracy_table):
         accuracy_table.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a directory"):
         accuracy_table.main([str(tmp_path / "missing")])
+
+
+def test_paired_counts_from_predictions(tmp_path, accuracy_table, capsys):
+    """Same inputs, per-sample scores: dense answers 0,1,2; the config loses 1 and 2 and gains 3."""
+    def predictions(config, scores):
+        write(tmp_path, 4096, config, "ruler_niah", sum(scores) / len(scores), decode=0.5 if config != "dense" else None)
+        lines = [json.dumps({"index": i, "score": s}) for i, s in enumerate(scores)]
+        (tmp_path / "4096" / config / "ruler_niah" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+
+    predictions("dense", [1.0, 1.0, 1.0, 0.0])
+    predictions("quest", [1.0, 0.0, 0.0, 1.0])
+    write(tmp_path, 4096, "nopred", "ruler_niah", 0.5)  # summary only: no paired counts
+    assert accuracy_table.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `quest` | 50.0 (-25.0 ✗; -2/+1) |" in out
+    assert "| `nopred` | 50.0 (-25.0 ✗) |" in out
