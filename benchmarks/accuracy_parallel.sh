@@ -8,6 +8,7 @@
 #   LENGTH=8150 SAMPLES=20 PARALLEL=6 LIMIT=540 OUTDIR=$OUT/acc/8150 \
 #     benchmarks/accuracy_parallel.sh benchmarks/accuracy_configs/dense.yaml benchmarks/accuracy_configs/quest.yaml ...
 set -u
+TAR_TO=${TAR_TO:-}
 : "${LENGTH:?set LENGTH}" "${OUTDIR:?set OUTDIR}" "${MODEL:?set MODEL (benchmarks/gpu_env.sh does)}"
 SAMPLES=${SAMPLES:-20}; PARALLEL=${PARALLEL:-6}; LIMIT=${LIMIT:-540}; TASKS=${TASKS:-"ruler_niah ruler_niah_multikey"}
 MAX_LEN=$(( LENGTH + 256 > 8192 ? 8192 : LENGTH + 256 ))  # SmolLM2 stops at 8192 positions
@@ -20,6 +21,10 @@ run_one() {
     --max-input-length "$LENGTH" --num-samples "$SAMPLES" --no-progress --output-dir "$OUTDIR" \
     > "$OUTDIR/log_$name.txt" 2>&1
   echo "$name: exit $? after $SECONDS s" >> "$OUTDIR/exits.txt"
+  # TAR_TO: also pack this config's results into one file there (the device tool returns shallow files only)
+  if [ -n "${TAR_TO:-}" ] && [ -d "$OUTDIR/$name" ]; then
+    tar czf "$TAR_TO/acc_${LENGTH}_$name.tgz" -C "$OUTDIR" "$name" "log_$name.txt"
+  fi
 }
-export -f run_one; export MAX_LEN LENGTH OUTDIR MODEL SAMPLES LIMIT TASKS KV_TOKENS
+export -f run_one; export MAX_LEN LENGTH OUTDIR MODEL SAMPLES LIMIT TASKS KV_TOKENS TAR_TO
 printf '%s\n' "$@" | xargs -P "$PARALLEL" -I{} bash -c 'run_one "$@"' _ {}

@@ -1,9 +1,11 @@
-"""Page-sparse decode step (RocketKV, Quest per-KV-head) vs dense paged decode, as the Triton backends run it.
+"""Page-sparse decode step (RocketKV, Quest per KV head, Quest per query head) vs dense decode, as the Triton
+backends run it.
 
 The timed sparse step is the whole decode attention of one layer: page scores from the paged min/max cache
 (Triton), top-k pages per KV head (Triton sorts of per-chunk candidates), page-sparse attention (Triton, K/V read once per GQA
-group), i.e. `backends.page_select.page_sparse_step`. Dense baselines: our split-KV Triton decode and
-FlashInfer's BatchDecodeWithPagedKVCacheWrapper (when installed). Every step is captured in a CUDA graph and
+group; once per query head for Quest's default per-query-head lists), i.e. `backends.page_select.page_sparse_step`.
+Dense baselines: our split-KV Triton decode, torch SDPA (enable_gqa, on a contiguous [B, Hkv, S, D] copy of
+the K/V) and FlashInfer's BatchDecodeWithPagedKVCacheWrapper (only when installed). Every step is captured in a CUDA graph and
 timed by replay (triton.testing.do_bench, median): launch overhead excluded, as in a graph-captured engine.
 
 Shapes: H=32, Hkv=8, D=128, bf16 K/V, KV block 16 tokens in shuffled order, every sequence at kv_len.
@@ -17,7 +19,9 @@ RocketKV at its defaults (topr=128 = all channels, topk=64 pages of 4 tokens, fl
     `engine_step_us` adds the KT refresh of the current page and the page counting (kernels/page_bookkeeping.py),
     i.e. all the backend's decode work after the KV write (dense's KV write is not timed either).
     Page sparsity is reported relative to the full context and relative to the compacted cache.
-Quest: 2K token budget in 16-token pages (127 ranked pages + the current one per KV head), bf16 min/max.
+Quest: 2K token budget in 16-token pages (127 ranked pages + the current one), bf16 min/max, two modes
+(QuestConfig.selection): "quest_kv_head" (one list per KV head, group-reduced scores) and "quest_query_head"
+(the default: one list per query head, raw bounds; 4x the K/V traffic of the KV-head mode at GQA 4).
 K/V are random (selection cost and attention cost do not depend on the values; achieved page sparsity is
 fixed by the budget and reported from the kernel's own page lists).
 
@@ -26,6 +30,7 @@ Correctness first, on a small shape with the same head layout: the Triton select
 the Triton-selected pages.
 
     python benchmarks/sparse_decode.py                        # GPU: 32K and 128K, batch 1 and 16 (~2 min)
+    python benchmarks/sparse_decode.py --algorithms quest_query_head quest_kv_head   # Quest's two modes only
     TRITON_INTERPRET=1 python benchmarks/sparse_decode.py --cpu-smoke   # CPU: tiny shapes, no speed
 """
 from __future__ import annotations
@@ -53,6 +58,7 @@ from sparse_llm.kernels.decode import paged_decode  # noqa: E402
 from sparse_llm.kernels.page_bookkeeping import count_decode_pages, refresh_current_page_minmax  # noqa: E402
 from sparse_llm.kernels.page_scores import group_page_scores, select_top_pages  # noqa: E402
 from sparse_llm.kernels.page_sparse_decode import page_sparse_decode, page_sparse_decode_reference  # noqa: E402
+from sparse_llm.sparse.quest import page_scores, quest_selection  # noqa: E402
 
 BLOCK = 16
 
@@ -94,12 +100,30 @@ def graph_us(fn, device, reps) -> float:
     return 1e3 * float(triton.testing.do_bench(graph.replay, warmup=25, rep=reps, return_mode="median"))
 
 
+ALGORITHMS = ("rocket", "quest_kv_head", "quest_query_head")
+
+
 def algorithms(args):
-    """name -> (page_size, min/max dtype, ranked pages k, topr)."""
-    return {
-        "rocket": (args.rocket_page, torch.float8_e5m2, args.rocket_topk, args.head_dim),
-        "quest_kv_head": (args.quest_page, torch.bfloat16, args.quest_budget // args.quest_page - 1, args.head_dim),
+    """name -> (page_size, min/max dtype, ranked pages k, topr, per_query_head), the ones in args.algorithms."""
+    quest_k = args.quest_budget // args.quest_page - 1
+    every = {
+        "rocket": (args.rocket_page, torch.float8_e5m2, args.rocket_topk, args.head_dim, False),
+        "quest_kv_head": (args.quest_page, torch.bfloat16, quest_k, args.head_dim, False),
+        "quest_query_head": (args.quest_page, torch.bfloat16, quest_k, args.head_dim, True),
     }
+    return {name: every[name] for name in ALGORITHMS if name in args.algorithms}
+
+
+def reference_selection(q, kmin, kmax, n_pages, topr, k, scale, per_query_head, page_size) -> torch.Tensor:
+    """bool [B, lists, P]: the torch reference's pages (current page included), float64 min/max."""
+    if not per_query_head:
+        return select_pages(q.double(), kmin, kmax, n_pages, topr, k, scale)
+    b, h = q.shape[:2]
+    p = kmin.shape[1]
+    sel = quest_selection(page_scores(q.double(), kmin, kmax), n_pages, k + 1, page_size)
+    mask = torch.zeros(b, h, p + k + 1, dtype=torch.bool, device=q.device)
+    mask.scatter_(-1, sel.block_indices.view(b, h, -1).long(), True)
+    return mask[..., :p] & (torch.arange(p, device=q.device)[None, None, :] < n_pages[:, None, None])
 
 
 def check_correctness(args, device, dtype) -> dict:
@@ -112,18 +136,19 @@ def check_correctness(args, device, dtype) -> dict:
     q = torch.randn(b, h, d, dtype=dtype, device=device)
     scale = d ** -0.5
     res = {"ok": True}
-    for name, (ps, mm_dtype, k, topr) in algorithms(args).items():
+    for name, (ps, mm_dtype, k, topr, per_head) in algorithms(args).items():
         k = min(k, 8) if device.type != "cuda" else k
         lo, hi = minmax_views(cache, ps, mm_dtype)
         max_pages = -(-n // ps)
-        out, pages = page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale)
+        out, pages = page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale,
+                                      per_query_head=per_head)
         # torch reference selection on the same min/max values
         p = torch.arange(max_pages, device=device)
         blk = tables.long()[:, (p // (BLOCK // ps)).clamp(max=tables.shape[1] - 1)]
         kmin, kmax = lo[blk, p % (BLOCK // ps)].double(), hi[blk, p % (BLOCK // ps)].double()
         n_pages = (seq_lens.long() + ps - 1) // ps
-        want = select_pages(q.double(), kmin, kmax, n_pages, topr, k, scale)
-        got = torch.zeros(b, hkv, max_pages + 1, dtype=torch.bool, device=device)  # last column: the -1 slots
+        want = reference_selection(q, kmin, kmax, n_pages, topr, k, scale, per_head, ps)
+        got = torch.zeros(b, pages.shape[1], max_pages + 1, dtype=torch.bool, device=device)  # last column: -1 slots
         got.scatter_(-1, torch.where(pages >= 0, pages, max_pages).long(), True)
         got = got[..., :max_pages]
         got[torch.arange(b, device=device), :, n_pages - 1] = True
@@ -134,7 +159,7 @@ def check_correctness(args, device, dtype) -> dict:
         wide = torch.zeros(b, 2 * tables.shape[1] + 3, dtype=torch.int32, device=device)
         wide[:, :tables.shape[1]] = tables
         _, pages_wide = page_sparse_step(q, cache, lo, hi, wide, seq_lens, ps, wide.shape[1] * (BLOCK // ps), topr, k,
-                                         scale)
+                                         scale, per_query_head=per_head)
         same_wide = bool(torch.equal(pages_wide[..., :pages.shape[2]], pages)) and bool((pages_wide[..., pages.shape[2]:] < 0).all())
         ok = err < (2e-2 if dtype != torch.float32 else 1e-4) and agree >= 0.98 and same_wide
         res[name] = {"pages_shared_with_torch": agree, "max_abs_err_vs_float64": err,
@@ -152,6 +177,7 @@ def bench_one(n, b, args, device, dtype, planner) -> dict:
     out = torch.empty_like(q)
     row = {"kv_len": n, "batch": b, "kv_bytes": b * n * hkv * d * 2 * cache.element_size()}
     row["dense_ours_us"] = graph_us(lambda: paged_decode(q, cache, seq_lens, tables, n, scale, out=out), device, args.reps)
+    row["dense_sdpa_us"], row["sdpa_backend"] = dense_sdpa_us(q, cache, tables, n, scale, device, args.reps)
     if planner is not None:
         meta = AttentionMetadata(0, 0, torch.arange(b + 1, dtype=torch.int32, device=device), seq_lens, 1, n,
                                  torch.full((b,), -1, dtype=torch.int64, device=device), tables, BLOCK,
@@ -165,26 +191,32 @@ def bench_one(n, b, args, device, dtype, planner) -> dict:
             row["dense_flashinfer_us"] = 1e3 * float(triton.testing.do_bench(
                 lambda: planner.decode.run(q, cache), rep=args.reps, return_mode="median"))
             row["flashinfer_timing"] = f"eager (graph capture failed: {str(e)[:120]})"
-    dense = min(row["dense_ours_us"], row.get("dense_flashinfer_us", float("inf")))
-    for name, (ps, mm_dtype, k, topr) in algorithms(args).items():
+    dense = min(row["dense_ours_us"], row["dense_sdpa_us"], row.get("dense_flashinfer_us", float("inf")))
+    for name, (ps, mm_dtype, k, topr, per_head) in algorithms(args).items():
         lo, hi = minmax_views(cache, ps, mm_dtype)
         max_pages = -(-n // ps)
 
         def step():
-            return page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale, out=out)  # noqa: B023
+            return page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale, out=out,  # noqa: B023
+                                    per_query_head=per_head)  # noqa: B023
 
         _, pages = step()
-        attended = int((pages >= 0).sum()) + b * hkv  # listed pages plus the current ones
+        lists = pages.shape[1]  # KV heads, or query heads (per_head)
+        attended = int((pages >= 0).sum()) + b * lists  # listed pages plus the current ones
         r = {
             "page_size": ps, "minmax_dtype": str(mm_dtype).replace("torch.", ""), "ranked_pages_k": k,
-            "page_sparsity": 1 - attended / (b * hkv * max_pages),
+            "lists_per_sequence": lists,
+            # Fraction of KV tokens not attended, summed over query heads (The Sparse Frontier's decode sparsity).
+            "page_sparsity": 1 - attended / (b * lists * max_pages),
             "step_us": graph_us(step, device, args.reps),
-            "select_us": graph_us(lambda: select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, scale, k), device, args.reps),  # noqa: B023,E501
-            "scores_only_us": graph_us(lambda: group_page_scores(q, lo, hi, tables, seq_lens, ps, max_pages, scale), device, args.reps),  # noqa: B023,E501
+            "select_us": graph_us(lambda: select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, scale, k, per_head), device, args.reps),  # noqa: B023,E501
             "attention_us": graph_us(lambda: page_sparse_decode(q, cache, pages, tables, seq_lens, ps, scale, out=out), device, args.reps),  # noqa: B023,E501
         }
+        if not per_head:
+            r["scores_only_us"] = graph_us(lambda: group_page_scores(q, lo, hi, tables, seq_lens, ps, max_pages, scale), device, args.reps)  # noqa: B023,E501
         r["speedup_vs_best_dense"] = dense / r["step_us"]
         r["speedup_vs_dense_ours"] = row["dense_ours_us"] / r["step_us"]
+        r["speedup_vs_dense_sdpa"] = row["dense_sdpa_us"] / r["step_us"]
         if name == "rocket":
             r["case"] = f"uncompacted (worst case): sparse step over the whole {n}-token context"
             name = "rocket_uncompacted"
@@ -193,15 +225,30 @@ def bench_one(n, b, args, device, dtype, planner) -> dict:
     del cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    row["rocket_defaults"] = bench_rocket_defaults(n, b, args, device, dtype, row["dense_ours_us"], dense)
+    if "rocket" in args.algorithms:
+        row["rocket_defaults"] = bench_rocket_defaults(n, b, args, device, dtype, row["dense_ours_us"], dense)
     return row
+
+
+def dense_sdpa_us(q, cache, tables, n, scale, device, reps) -> tuple[float, str]:
+    """torch SDPA decode (one query, GQA through enable_gqa) over a contiguous [B, Hkv, n, D] copy of the paged
+    K/V, as a non-paged dense baseline; and which SDPA backend torch picked (not forced)."""
+    b, h, d = q.shape
+    kv = cache[tables.long()]  # [B, blocks, 2, BLOCK, Hkv, D]
+    k = kv[:, :, 0].flatten(1, 2)[:, :n].transpose(1, 2).contiguous()  # [B, Hkv, n, D]
+    v = kv[:, :, 1].flatten(1, 2)[:, :n].transpose(1, 2).contiguous()
+    del kv
+    qd = q[:, :, None]
+    us = graph_us(lambda: torch.nn.functional.scaled_dot_product_attention(qd, k, v, scale=scale, enable_gqa=True),
+                  device, reps)
+    return us, "torch sdpa (default dispatch, enable_gqa)"
 
 
 def bench_rocket_defaults(n, b, args, device, dtype, dense_ours_us, dense_us) -> dict:
     """RocketKV's step at the defaults for a context of n tokens: over the compacted cache of prompt_budget +
     decode_tokens tokens, with block tables as wide as the engine's decode graph gives them (max_model_len)."""
     h, hkv, d = args.heads, args.kv_heads, args.head_dim
-    ps, mm_dtype, k, topr = algorithms(args)["rocket"]
+    ps, mm_dtype, k, topr, _ = algorithms(args)["rocket"]
     scale = d ** -0.5
     kv_len = args.prompt_budget + args.decode_tokens
     cache, tables = make_cache(b, kv_len, hkv, d, dtype, device, seed=2)
@@ -253,21 +300,24 @@ def bench_rocket_defaults(n, b, args, device, dtype, dense_ours_us, dense_us) ->
 
 
 def table(rows) -> str:
-    lines = ["UNCOMPACTED (worst case: sparse step over the whole context)",
-             "kv_len batch | dense ours / FI us | rocket us (x best dense) [select, attn] | quest-kvh us (x) [select, attn]"]
+    names = [k for k in ("rocket_uncompacted", "quest_kv_head", "quest_query_head") if rows and k in rows[0]]
+    lines = ["SPARSE STEP OVER THE WHOLE CONTEXT (rocket: uncompacted, its worst case)",
+             "kv_len batch | dense ours / sdpa / FI us | " + " | ".join(
+                 f"{k} us (x best dense) [select, attn] sparsity" for k in names)]
     for r in rows:
         fi = r.get("dense_flashinfer_us")
-        ro, qu = r["rocket_uncompacted"], r["quest_kv_head"]
-        lines.append(
-            f"{r['kv_len']:>6} {r['batch']:>5} | {r['dense_ours_us']:8.1f} / {fi if fi is None else round(fi, 1)} | "
-            f"{ro['step_us']:7.1f} ({ro['speedup_vs_best_dense']:.2f}x) [{ro['select_us']:.1f}, {ro['attention_us']:.1f}] | "
-            f"{qu['step_us']:7.1f} ({qu['speedup_vs_best_dense']:.2f}x) [{qu['select_us']:.1f}, {qu['attention_us']:.1f}]")
+        cells = [f"{r[k]['step_us']:7.1f} ({r[k]['speedup_vs_best_dense']:.2f}x) [{r[k]['select_us']:.1f}, "
+                 f"{r[k]['attention_us']:.1f}] {r[k]['page_sparsity']:.4f}" for k in names]
+        lines.append(f"{r['kv_len']:>6} {r['batch']:>5} | {r['dense_ours_us']:8.1f} / {r['dense_sdpa_us']:8.1f} / "
+                     f"{fi if fi is None else round(fi, 1)} | " + " | ".join(cells))
+    if not rows or "rocket_defaults" not in rows[0]:
+        return "\n".join(lines)
     lines += ["ROCKET DEFAULTS (prompt compressed to prompt_budget; step over prompt_budget + decode tokens)",
               "context batch | dense best us | rocket graph-width us (x) [select, attn] | +KT refresh, counts us (x) | "
               "tight us (x) | page sparsity vs context / vs compacted"]
     for r in rows:
         rd = r["rocket_defaults"]
-        dense = min(r["dense_ours_us"], r.get("dense_flashinfer_us") or float("inf"))
+        dense = min(r["dense_ours_us"], r["dense_sdpa_us"], r.get("dense_flashinfer_us") or float("inf"))
         lines.append(
             f"{r['kv_len']:>7} {r['batch']:>5} | {dense:13.1f} | {rd['step_us']:7.1f} ({rd['speedup_vs_best_dense']:.2f}x) "
             f"[{rd['select_us']:.1f}, {rd['attention_us']:.1f}] | {rd['engine_step_us']:7.1f} "
@@ -290,6 +340,8 @@ def parse_args(argv=None):
     ap.add_argument("--quest-budget", type=int, default=2048)
     ap.add_argument("--quest-page", type=int, default=16)
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                    help="sparse steps to time (rocket also times its defaults case)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sparse_decode[_cpu_smoke].json)")
     args = ap.parse_args(argv)
     args.heads, args.kv_heads, args.head_dim = (8, 2, 64) if args.cpu_smoke else (32, 8, 128)
@@ -323,7 +375,7 @@ def main(argv=None) -> int:
                   "dtype": str(dtype).replace("torch.", ""), "kv_block": BLOCK},
         "config": {"rocket_topk": args.rocket_topk, "rocket_page": args.rocket_page, "rocket_topr": args.head_dim,
                    "rocket_prompt_budget": args.prompt_budget, "rocket_decode_tokens": args.decode_tokens,
-                   "quest_budget": args.quest_budget, "quest_page": args.quest_page},
+                   "quest_budget": args.quest_budget, "quest_page": args.quest_page, "algorithms": args.algorithms},
     }
     result["correctness"] = check_correctness(args, device, dtype)
     print("correctness:", json.dumps(result["correctness"]), flush=True)
@@ -332,9 +384,14 @@ def main(argv=None) -> int:
         for n in args.lens:
             for b in args.batches:
                 rows.append(bench_one(n, b, args, device, dtype, planner))
-                print(json.dumps({"kv_len": n, "batch": b, "rocket_uncompacted_us": rows[-1]["rocket_uncompacted"]["step_us"],
-                                  "rocket_defaults_us": rows[-1]["rocket_defaults"]["step_us"],
-                                  "dense_ours_us": rows[-1]["dense_ours_us"]}), flush=True)
+                r = rows[-1]
+                print(json.dumps({"kv_len": n, "batch": b, "dense_ours_us": r["dense_ours_us"],
+                                  "dense_sdpa_us": r["dense_sdpa_us"], "dense_flashinfer_us": r.get("dense_flashinfer_us"),
+                                  **{f"{k}_us": r[k]["step_us"] for k in ("rocket_uncompacted", "quest_kv_head",
+                                                                          "quest_query_head") if k in r},
+                                  **{f"{k}_sparsity": round(r[k]["page_sparsity"], 4)
+                                     for k in ("rocket_uncompacted", "quest_kv_head", "quest_query_head") if k in r},
+                                  "rocket_defaults_us": r.get("rocket_defaults", {}).get("step_us")}), flush=True)
     result["rows"] = rows
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:

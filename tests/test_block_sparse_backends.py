@@ -77,16 +77,18 @@ def _prefix_meta(batch, q_lens, kv_lens) -> AttentionMetadata:
 def test_quest_backend_matches_reference(cls):
     budget, qpage = 16, 4  # 4 pages of 4 tokens per query head; two Quest pages per KV block of 8
     q_lens, kv_lens, n_pre = [21, 1, 1, 1], [21, 58, 9, 33], 1
-    batch = random_paged_batch(q_lens, kv_lens, n_pre, H, HKV, D, PAGE, torch.float32, seed=5)
-    backend = cls(LAYER, QuestParams("quest", token_budget=budget, page_size=qpage))
+    d = 64  # a head dim of the page-sparse decode kernel
+    batch = random_paged_batch(q_lens, kv_lens, n_pre, H, HKV, d, PAGE, torch.float32, seed=5)
+    layer = LayerSpec(layer_idx=3, num_heads=H, num_kv_heads=HKV, head_dim=d, scale=d**-0.5, module_name="l3")
+    backend = cls(layer, QuestParams("quest", token_budget=budget, page_size=qpage))
     (kv_spec, mm_spec) = backend.cache_spec(PAGE, torch.float32)
-    assert mm_spec.name == MINMAX and mm_spec.block_shape == (2, 2, HKV, D)
+    assert mm_spec.name == MINMAX and mm_spec.block_shape == (2, 2, HKV, d)
     batch.cache[MINMAX] = torch.full((batch.cache["kv"].shape[0], *mm_spec.block_shape), float("nan"))
     backend.update_cache(batch.cache, _prefix_meta(batch, q_lens, kv_lens))
     meta = batch.meta
     meta.seq_stats = torch.zeros(len(q_lens), 2, dtype=torch.int64)
     out = backend.forward(batch.q, batch.k, batch.v, batch.cache, meta)
-    dense = reference_attention(batch, D**-0.5)
+    dense = reference_attention(batch, d**-0.5)
     torch.testing.assert_close(out[:21].double(), dense[:21], rtol=3e-5, atol=3e-5)  # prefill is dense
     for j, kv_len in enumerate(kv_lens[n_pre:]):
         i = n_pre + j
@@ -96,7 +98,7 @@ def test_quest_backend_matches_reference(cls):
         qd = batch.q[21 + j:22 + j].double()
         pages = select_pages(page_scores(qd, lo[None], hi[None]), torch.tensor([n_pages]), budget // qpage)[0]  # [H, P]
         keymask = pages.repeat_interleave(qpage, -1)[:, :kv_len]
-        ref = masked_attention(qd, kf, vf, D**-0.5, torch.tensor([kv_len - 1]), keymask[None])
+        ref = masked_attention(qd, kf, vf, d**-0.5, torch.tensor([kv_len - 1]), keymask[None])
         torch.testing.assert_close(out[21 + j:22 + j].double(), ref, rtol=3e-5, atol=3e-5)
         attended = int(torch.minimum(keymask.sum(-1), torch.tensor(kv_len)).sum())
         assert meta.seq_stats[i].tolist() == [kv_len * H, kv_len * H - attended]

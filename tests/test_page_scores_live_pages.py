@@ -80,11 +80,11 @@ def test_final_top_keys_sorts_only_the_width_holding_every_key(filled):
     pages = torch.randperm(1000, generator=g)[:rows * filled].view(rows, filled)
     score_bits = torch.randint(1, 2 ** 30, (rows, filled), generator=g)
     keys = torch.zeros(rows, num_keys, dtype=torch.int64)
-    keys[:, :filled] = (score_bits << 32) | (2 ** 32 - 1 - pages)
+    keys[:, :filled] = ((score_bits + 2 ** 31) << 31) | (2 ** 31 - 1 - pages)  # _page_keys' layout
     keys[:, :filled] *= torch.rand(rows, filled, generator=g) > 0.2  # unranked pages among the candidates
     out = torch.full((rows, k), -7, dtype=torch.int32)
     _top_keys_kernel[(rows, 1)](keys, keys, out, keys.stride(0), keys.stride(0), out.stride(0), num_keys, k,
                                 BLOCK=num_keys, KC=kc, MID=16, FINAL=True)
     top = keys.sort(-1, descending=True).values[:, :k]
-    want = torch.where(top > 0, 2 ** 32 - 1 - (top & (2 ** 32 - 1)), -1)
+    want = torch.where(top > 0, 2 ** 31 - 1 - (top & (2 ** 31 - 1)), -1)
     assert torch.equal(out.long(), want)

@@ -72,8 +72,8 @@ def test_triton_rocket_decode_matches_torch(page_size, block_size, topr, topk, k
     torch.testing.assert_close(outs[1][1:3].double(), dense[1:3], rtol=1e-4, atol=1e-4)
 
 
-def quest_step(cls, batch, params, block_size):
-    backend = cls(LAYER, params)
+def quest_step(cls, batch, params, block_size, layer=LAYER):
+    backend = cls(layer, params)
     specs = {s.name: s for s in backend.cache_spec(block_size, torch.float32)}
     cache = {"kv": batch.cache["kv"].clone(),
              MINMAX: torch.full((batch.cache["kv"].shape[0], *specs[MINMAX].block_shape), float("nan"))}

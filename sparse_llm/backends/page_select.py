@@ -1,10 +1,12 @@
 """The page-sparse decode step shared by the Triton RocketKV and Quest backends: score, top-k, attend.
 
-score: `kernels.page_scores` (per KV head, group-reduced softmax of the min/max bounds);
+score: `kernels.page_scores` (per KV head, group-reduced softmax of the min/max bounds; or, per_query_head,
+each query head's raw Quest bound);
 top-k: `kernels.page_scores.select_top_pages` (Triton sorts of candidate keys; ties to the lower page);
-attend: `kernels.page_sparse_decode.page_sparse_decode` (each selected K/V page read once per GQA group;
-the current page added by the kernel). Three steps, no host sync: graph-capturable when `max_pages` is
-fixed by the caller. Torch reference of the selection: `backends.rocket_select.select_pages`.
+attend: `kernels.page_sparse_decode.page_sparse_decode` (each selected K/V page read once per GQA group, or
+once per query head with per-query-head lists; the current page added by the kernel). Three steps, no host
+sync: graph-capturable when `max_pages` is fixed by the caller. Torch reference of the selection:
+`backends.rocket_select.select_pages` (per KV head), `sparse.quest.quest_selection` (per query head).
 """
 from __future__ import annotations
 
@@ -26,31 +28,34 @@ def select_page_lists(
     topr: int,
     k_others: int,
     scale: float,
+    per_query_head: bool = False,
 ) -> torch.Tensor:
-    """int32 [N, Hkv, min(k_others, max_pages - 1)] ranked pages per KV head (-1 = unused); the current page is
-    not listed (the decode kernel adds it)."""
+    """int32 [N, Hkv, min(k_others, max_pages - 1)] ranked pages per KV head (-1 = unused), or [N, H, ...] per
+    query head (per_query_head: Quest's paper mode); the current page is not listed (the decode kernel adds it)."""
     n, h, _ = q.shape
     hkv = lo.shape[2]
     k = min(k_others, max_pages - 1)
     if k < 1:
-        return torch.empty(n, hkv, 0, dtype=torch.int32, device=q.device)
+        return torch.empty(n, h if per_query_head else hkv, 0, dtype=torch.int32, device=q.device)
     mask = channel_mask(q, hkv, topr)
     qm = q if mask is None else q * mask.repeat_interleave(h // hkv, 1).to(q.dtype)
-    return select_top_pages(qm, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, k)
+    return select_top_pages(qm, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, k, per_query_head)
 
 
 def page_sparse_step(
     q, cache_kv, lo, hi, block_tables, seq_lens, page_size: int, max_pages: int, topr: int, k_others: int,
-    scale: float, out: torch.Tensor | None = None,
+    scale: float, out: torch.Tensor | None = None, per_query_head: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention output [N, H, D], the page lists [N, Hkv, K]) of one decode step."""
-    pages = select_page_lists(q, lo, hi, block_tables, seq_lens, page_size, max_pages, topr, k_others, scale)
+    """(attention output [N, H, D], the page lists [N, Hkv or H, K]) of one decode step."""
+    pages = select_page_lists(q, lo, hi, block_tables, seq_lens, page_size, max_pages, topr, k_others, scale,
+                              per_query_head)
     o = page_sparse_decode(q, cache_kv, pages, block_tables, seq_lens, page_size, scale, out=out)
     return o, pages
 
 
 def attended_tokens(pages: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
-    """int64 [N]: tokens attended summed over KV heads (full listed pages plus the partial current page)."""
+    """int64 [N]: tokens attended summed over the lists (KV or query heads; full listed pages plus the partial
+    current page)."""
     listed = (pages >= 0).sum((1, 2))
     current = seq_lens.long() - (seq_lens.long() - 1) // page_size * page_size
     return listed * page_size + current * pages.shape[1]

@@ -1,17 +1,19 @@
 """Quest decode on the paged engine: per-page key min/max kept in an auxiliary paged cache, top pages
-per query head at each decode step, the block-sparse kernel (Triton) or the masked reference (torch)
-over them. Prefill is dense (the same kernel with every causal block listed, or the reference).
+per query head at each decode step, the page-sparse decode step (Triton: scores, top-k, attention;
+backends/page_select.py) or the masked reference (torch) over them. Prefill is dense (the block-sparse
+kernel with every causal block listed, or the reference).
 
 The min/max cache has `block_size // page_size` Quest pages per KV block, so it is allocated, shared
 (prefix caching) and freed with the KV blocks themselves. After each K/V write, every page that
 received a token is recomputed from the cache over its valid prefix (offsets up to the last one
 written): decode steps touch one page per sequence.
 
-Selection modes (docs/block_sparse.md): per query head (Quest's paper; the torch backend) or per KV head
-(`group_selection`, QuestGroupTritonBackend): each query head's page bounds, scaled by the softmax scale, are
-softmaxed over the pages and summed over the GQA group (RocketKV's reduction), and the group attends the
-top token_budget // page_size pages (current page included) together, so each selected K/V page is read
-once per group. `QuestGroupTorchBackend` is the torch reference of that mode.
+Selection modes (QuestConfig.selection, docs/block_sparse.md): per query head (Quest's paper;
+QuestTorchBackend, QuestTritonBackend) or per KV head (`group_selection`; QuestGroupTorchBackend,
+QuestGroupTritonBackend): each query head's page bounds, scaled by the softmax scale, are softmaxed over the
+pages and summed over the GQA group (RocketKV's reduction), and the group attends the top
+token_budget // page_size pages (current page included) together, so each selected K/V page is read once
+per group. `QuestGroupTorchBackend` is the torch reference of that mode.
 """
 from __future__ import annotations
 
@@ -125,33 +127,21 @@ class QuestGroupTorchBackend(QuestTorchBackend):
 
 
 class QuestTritonBackend(QuestTorchBackend):
-    """Quest through Triton, one page list per query head (the paper's mode, the registry's default): page
-    scores read straight from the paged min/max cache, then the block-sparse kernel (CUDA; CPU under
-    TRITON_INTERPRET=1)."""
+    """Quest through Triton, one page list per query head (the paper's mode, the registry's default), through
+    the page-sparse step (backends/page_select.py): page scores read straight from the paged min/max cache
+    (each min/max entry once per GQA group), a Triton top-k per query head (the RocketKV sort kernels, each
+    query head its own group of one), then the page-sparse decode kernel with one list per query head (CUDA;
+    CPU under TRITON_INTERPRET=1). Selects the pages of QuestTorchBackend (ties aside); no host sync in the step."""
 
     name = "triton"
     use_triton = True
     devices = frozenset({"cuda", "cpu"})
 
-    def decode_selection(self, q, cache, meta):
-        from sparse_llm.kernels.quest_scores import quest_scores_paged
+    def __init__(self, layer, params):
+        from sparse_llm.kernels.geometry import check_head_dim
 
-        ps = self.params.page_size
-        npf = meta.num_prefills
-        _, seq_lens = host_lens(meta)
-        max_pages = -(-max(seq_lens[npf:]) // ps)
-        scores = quest_scores_paged(q, cache[MINMAX], meta.block_tables[npf:], meta.seq_lens[npf:], ps, max_pages)
-        return quest_topk(scores, self.params.token_budget // ps, ps)
-
-
-class QuestGroupTritonBackend(QuestTritonBackend):
-    """Quest decode with one page list per KV head (`group_selection`) through the page-sparse step
-    (backends/page_select.py: Triton scores, top-k and GQA-shared sparse decode). Not the registry default:
-    at the same token_budget it is less accurate than per-query-head lists when the heads of a group look
-    for different pages (tests/test_page_sparse_backends.py); at group_size x the budget it reads the same
-    K/V as the per-head mode and is more accurate. Torch reference: QuestGroupTorchBackend."""
-
-    group_selection = True
+        check_head_dim(layer.head_dim)  # the page-sparse decode kernel's head dims
+        super().__init__(layer, params)
 
     def _decodes(self, q, cache, meta, seq_lens, out) -> None:
         from sparse_llm.backends.page_select import attended_tokens, page_sparse_step
@@ -164,10 +154,21 @@ class QuestGroupTritonBackend(QuestTritonBackend):
         _, pages = page_sparse_step(
             q, cache["kv"], mm[:, :, 0], mm[:, :, 1], meta.block_tables[npf:], lens, ps, max_pages,
             self.layer.head_dim, self.params.token_budget // ps - 1, self.layer.scale, out=out,
+            per_query_head=not self.group_selection,
         )
         # Query-key pairs summed over query heads, as the other block-sparse backends count.
-        group = self.layer.num_heads // self.layer.num_kv_heads
-        attended = (attended_tokens(pages, lens, ps) * group).tolist()
+        heads_per_list = self.layer.num_heads // pages.shape[1]
+        attended = (attended_tokens(pages, lens, ps) * heads_per_list).tolist()
         for j, n in enumerate(seq_lens[npf:]):
             total = n * self.layer.num_heads
             self._count(meta, npf + j, "decode", total, min(total, attended[j]))
+
+
+class QuestGroupTritonBackend(QuestTritonBackend):
+    """Quest decode with one page list per KV head (`group_selection`; `selection: per_kv_head`) through the
+    same page-sparse step (RocketKV's group-reduced scores). Not the registry default: at the same token_budget
+    it is less accurate than per-query-head lists when the heads of a group look for different pages
+    (tests/test_page_sparse_backends.py); at group_size x the budget it reads the same K/V as the per-head mode
+    and is more accurate. Torch reference: QuestGroupTorchBackend."""
+
+    group_selection = True

@@ -7,7 +7,9 @@ for the group's query heads g (RocketKV zeroes q outside its top-r channels firs
 over the "other" pages p < n_pages - 1 (the current page is always attended, so it is not ranked);
     score[n, h, p] = Σ_g softmax_p(s[n, g, :])[p]      (RocketKV's softmax + group reduce)
 and the selection is the top-k pages of score per (n, h) (ties go to the lower page), plus the current page,
-which the sparse decode kernel adds itself.
+which the sparse decode kernel adds itself. Quest per query head (`select_top_pages(..., per_query_head=True)`)
+runs the same kernels with every query head as its own group of one, ranking by its raw bound s (unscaled,
+no softmax: `RAW`), so each query head gets its own top-k list.
 
 Kernels (programs per (decode, KV head), each handling chunks of BLOCK_P pages, the whole GQA group at once,
 so every min/max entry is read once per group):
@@ -103,11 +105,12 @@ def _group_reduce_kernel(
     stride_sn, stride_sh, stride_pn, stride_ph, stride_on, stride_oh, stride_cr,
     max_pages, num_chunks, page_size,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    SCORE_BLOCK: tl.constexpr, KC: tl.constexpr, WRITE_SCORES: tl.constexpr,
+    SCORE_BLOCK: tl.constexpr, KC: tl.constexpr, WRITE_SCORES: tl.constexpr, RAW: tl.constexpr,
 ):
     # grid = (num_decodes, num_kv_heads, programs per row); program z handles chunks z, z + grid[2], ... of
     # BLOCK_P pages up to num_chunks; score = Σ_g exp(s_g - M_g) / Z_g.
     # WRITE_SCORES: store the scores; else store the chunk's top-KC sort keys (see _page_keys) as candidates.
+    # RAW (GROUP 1, Quest per query head): the score is the head's own s, no softmax (same order, no underflow ties).
     # Only the live score chunks' partials and ranked S entries are read; a chunk with no ranked page stores
     # its neutral result (0 scores / 0 keys) without reading or sorting anything.
     n = tl.program_id(0)
@@ -141,7 +144,10 @@ def _group_reduce_kernel(
             ranked = pages < n_ranked
             s = tl.load(S + n.to(tl.int64) * stride_sn + heads[:, None] * stride_sh + pages[None, :],
                         mask=row_ok[:, None] & ranked[None, :], other=float("-inf"))
-            score = tl.sum(tl.exp(s - m_safe[:, None]) * inv_z[:, None], 0)
+            if RAW:
+                score = tl.max(s, 0)  # the one real row (padding rows are -inf)
+            else:
+                score = tl.sum(tl.exp(s - m_safe[:, None]) * inv_z[:, None], 0)
             if WRITE_SCORES:
                 tl.store(OUT + n.to(tl.int64) * stride_on + kvh * stride_oh + pages, score, mask=p_ok)
             else:
@@ -157,10 +163,12 @@ def _group_reduce_kernel(
 
 @triton.jit
 def _page_keys(score, pages, ranked):
-    """int64 sort keys, larger = better: (score bits << 32) | (2^32 - 1 - page), 0 for unranked pages.
-    Scores are >= 0, so their float bits order like the floats; equal scores rank the lower page first."""
-    bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    return tl.where(ranked, (bits << 32) | (4294967295 - pages.to(tl.int64)), 0)
+    """int64 sort keys, larger = better: ((ordered score bits + 2^31) << 31) | (2^31 - 1 - page), 0 for unranked
+    pages. The ordered bits (negative floats' magnitude bits flipped) order like the floats, signs included
+    (Quest's raw bounds can be negative), and the key stays positive; equal scores rank the lower page first."""
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 2147483647).to(tl.int64) + 2147483648  # in [0, 2^32)
+    return tl.where(ranked, (ordered << 31) | (2147483647 - pages.to(tl.int64)), 0)
 
 
 @triton.jit
@@ -197,7 +205,7 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
     (-1 for a 0 key: fewer than k ranked pages)."""
     offs = tl.arange(0, WIDTH)
     keys = tl.sort(tl.load(KEYS_ROW + offs, mask=offs < num_keys, other=0), 0, descending=True)
-    page = tl.where(keys > 0, 4294967295 - (keys & 4294967295), -1).to(tl.int32)
+    page = tl.where(keys > 0, 2147483647 - (keys & 2147483647), -1).to(tl.int32)
     tl.store(PAGES_ROW + offs, page, mask=offs < k)
 
 
@@ -290,7 +298,7 @@ def group_page_scores(
     _group_reduce_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
         s, m_part, l_part, seq_lens, out, out,
         s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), out.stride(0), out.stride(1), 0,
-        max_pages, chunks, page_size, BLOCK_P=block_p, KC=1, WRITE_SCORES=True, num_warps=4, **meta,
+        max_pages, chunks, page_size, BLOCK_P=block_p, KC=1, WRITE_SCORES=True, RAW=False, num_warps=4, **meta,
     )
     return out
 
@@ -305,40 +313,48 @@ def select_top_pages(
     max_pages: int,
     scale: float,
     k: int,
+    per_query_head: bool = False,
 ) -> torch.Tensor:
     """int32 [N, Hkv, k]: the top-k ranked pages of `group_page_scores` per (decode, KV head), best first; ties
     go to the lower page; -1 pads rows with fewer than k ranked pages.
+
+    per_query_head (Quest's paper mode): int32 [N, H, k], each query head's top-k ranked pages by its own raw
+    bound Σ_d max(q_d lo_d, q_d hi_d) (`sparse.quest.page_scores`; `scale` is not applied: scaling could round
+    distinct bounds into ties). The same kernels with every query head as its own group of one.
 
     Top-k without a full pass per row: each reduce program sorts its BLOCK_R pages' keys and keeps the best KC
     (next power of two >= k) as candidates; `_top_keys_kernel` rounds then keep the best KC of every BLOCK_T
     candidates until one block remains, and decode the first k. The shapes fix the rounds: no host sync.
     """
-    n, hkv = q.shape[0], lo.shape[2]
+    n, h, hkv = q.shape[0], q.shape[1], lo.shape[2]
     if k < 1 or k > 4096:
         raise ValueError(f"select_top_pages: k={k} pages must be in [1, 4096]")
-    pages = torch.empty(n, hkv, k, dtype=torch.int32, device=q.device)
+    lists = h if per_query_head else hkv  # page lists per decode, and "groups" of the reduce
+    pages = torch.empty(n, lists, k, dtype=torch.int32, device=q.device)
     if n == 0:
         return pages
     kc = next_pow2(k)
     block_r = max(64 if interpreting() else 1024, 2 * kc)
     block_t = max(16 if interpreting() else 4096, 2 * kc)
-    s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
-    meta = _reduce_args(s, m_part, l_part, hkv)
+    s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages,
+                                       1.0 if per_query_head else scale)
+    meta = _reduce_args(s, m_part, l_part, lists)
     chunks = triton.cdiv(max_pages, block_r)
     n_cand = chunks * kc
-    cand = torch.empty(n * hkv, n_cand, dtype=torch.int64, device=q.device)
-    _group_reduce_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
+    cand = torch.empty(n * lists, n_cand, dtype=torch.int64, device=q.device)
+    _group_reduce_kernel[(n, lists, _programs_per_row(chunks, n * lists))](
         s, m_part, l_part, seq_lens, s, cand,
         s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1), 0, 0, cand.stride(0),
-        max_pages, chunks, page_size, BLOCK_P=block_r, KC=kc, WRITE_SCORES=False, num_warps=8, **meta,
+        max_pages, chunks, page_size, BLOCK_P=block_r, KC=kc, WRITE_SCORES=False, RAW=per_query_head, num_warps=8,
+        **meta,
     )
-    flat = pages.view(n * hkv, k)
+    flat = pages.view(n * lists, k)
     while True:
         blocks = triton.cdiv(n_cand, block_t)
         final = blocks == 1
-        out = cand if final else torch.empty(n * hkv, blocks * kc, dtype=torch.int64, device=q.device)
+        out = cand if final else torch.empty(n * lists, blocks * kc, dtype=torch.int64, device=q.device)
         block = block_t if not final else max(2, next_pow2(n_cand))
-        _top_keys_kernel[(n * hkv, blocks)](
+        _top_keys_kernel[(n * lists, blocks)](
             cand, out, flat, cand.stride(0), out.stride(0), flat.stride(0), n_cand, k,
             BLOCK=block, KC=kc, MID=min(block, FINAL_MID_FACTOR * kc), FINAL=final, num_warps=8,
         )

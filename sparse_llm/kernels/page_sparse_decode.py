@@ -1,11 +1,13 @@
-"""Page-sparse paged decode (Triton): each KV head attends its own list of selected pages plus the current one.
+"""Page-sparse paged decode (Triton): each page list attends its selected pages plus the current one.
 
-One query token per sequence. The selection is padded per (sequence, KV head): pages [B, Hkv, K] int32,
+One query token per sequence. The selection is padded per (sequence, list): pages [B, L, K] int32,
 -1 = unused slot; slot K (implicit) is the sequence's current page, (kv_len - 1) // page_size, so the
-caller never concatenates it. One program per (sequence, KV head, split) loads the group's query heads
-once (rows of a tile, padded to 16 for tl.dot) and walks its share of the list in tiles of BLOCK_N keys
-(BLOCK_N // page_size pages per tile, each key found through the block table): every selected K/V page
-is read once per GQA group. Online softmax in base 2 with fp32 accumulation:
+caller never concatenates it. A list belongs to a KV head (L = Hkv: the GQA group shares it, RocketKV and
+Quest per KV head) or to a query head (L = H: Quest per query head). One program per (sequence, list, split)
+loads the list's query heads once (rows of a tile, padded to 16 for tl.dot) and walks its share of the list
+in tiles of BLOCK_N keys (BLOCK_N // page_size pages per tile, each key found through the block table): with
+KV-head lists every selected K/V page is read once per GQA group; with query-head lists once per query head.
+Online softmax in base 2 with fp32 accumulation:
     m' = max(m, rowmax(S)),  P = 2^(S - m'),  l' = l 2^(m - m') + rowsum(P),  acc' = acc 2^(m - m') + P V
 Split-KV (flash-decoding): each split writes its normalised partial output and log2-sum-exp, a small kernel
 merges them (a split with no valid key has lse = -inf and weight 0).
@@ -33,12 +35,14 @@ def _page_decode_kernel(
     stride_pn, stride_ph, stride_bt,
     stride_xn, stride_xh, stride_xs,
     num_listed, split_tiles, qk_scale,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, LISTS_PER_KV: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    # grid = (num_seqs, num_kv_heads, num_splits); list slots [0, num_listed) from PAGES, slot num_listed = current
+    # grid = (num_seqs, num_lists, num_splits); list slots [0, num_listed) from PAGES, slot num_listed = current.
+    # List `lst` serves query heads [lst * GROUP, (lst + 1) * GROUP) and reads KV head lst // LISTS_PER_KV.
     n = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1)  # the list
     split = tl.program_id(2)
     PAGES_PER_TILE: tl.constexpr = BLOCK_N // PAGE_SIZE
     kv_len = tl.load(LENS + n)
@@ -52,7 +56,7 @@ def _page_decode_kernel(
                 mask=head_ok[:, None], other=0.0)
     list_row = PAGES + n.to(tl.int64) * stride_pn + kvh * stride_ph
     bt_row = BT + n.to(tl.int64) * stride_bt
-    k_base = CACHE + kvh * stride_ch
+    k_base = CACHE + (kvh // LISTS_PER_KV) * stride_ch
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
@@ -119,9 +123,9 @@ def page_sparse_decode(
     split_tiles: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D]; cache_kv [num_blocks, 2, block_size, Hkv, D]; pages int32 [B, Hkv, K] (-1 = unused; the
-    current page is added implicitly and must not be listed); block_tables int32 [B, *]; seq_lens int32 [B]
-    (KV length including the query token) -> [B, H, D]."""
+    """q [B, H, D]; cache_kv [num_blocks, 2, block_size, Hkv, D]; pages int32 [B, Hkv, K] (one list per KV head)
+    or [B, H, K] (one per query head) (-1 = unused; the current page is added implicitly and must not be
+    listed); block_tables int32 [B, *]; seq_lens int32 [B] (KV length including the query token) -> [B, H, D]."""
     b, h, d = q.shape
     check_head_dim(d)
     nblocks, two, bs, hkv, d2 = cache_kv.shape
@@ -129,8 +133,10 @@ def page_sparse_decode(
         raise ValueError(f"cache_kv {tuple(cache_kv.shape)} / q {tuple(q.shape)}: layout or head_dim mismatch")
     if h % hkv:
         raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={hkv}")
-    if pages.dtype != torch.int32 or pages.dim() != 3 or pages.shape[:2] != (b, hkv) or pages.stride(-1) != 1:
-        raise ValueError(f"pages must be int32 [{b}, {hkv}, K] contiguous in K, got {pages.dtype} {tuple(pages.shape)}")
+    if (pages.dtype != torch.int32 or pages.dim() != 3 or pages.shape[0] != b or pages.shape[1] not in (hkv, h)
+            or pages.stride(-1) != 1):
+        raise ValueError(f"pages must be int32 [{b}, {hkv} or {h}, K] contiguous in K, got {pages.dtype} "
+                         f"{tuple(pages.shape)}")
     if page_size < 1 or page_size & (page_size - 1) or bs % page_size or page_size > block_n:
         raise ValueError(
             f"page_size={page_size} must be a power of two dividing block_size={bs} and at most block_n={block_n}"
@@ -140,26 +146,27 @@ def page_sparse_decode(
     out = torch.empty_like(q) if out is None else out
     if b == 0:
         return out
-    num_listed = pages.shape[2]
+    num_lists, num_listed = pages.shape[1], pages.shape[2]
     n_tiles = cdiv(num_listed + 1, block_n // page_size)
     if split_tiles is None:
-        split_tiles = decode_split_tiles(n_tiles * block_n, b, hkv, num_sms(q.device), block_n)
+        split_tiles = decode_split_tiles(n_tiles * block_n, b, num_lists, num_sms(q.device), block_n)
     if split_tiles < 1:
         raise ValueError(f"split_tiles={split_tiles} must be >= 1")
     num_splits = cdiv(n_tiles, split_tiles)
     single = num_splits == 1
     o_part = torch.empty(b, h, 1 if single else num_splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(b, h, 1 if single else num_splits, dtype=torch.float32, device=q.device)
-    group = h // hkv
-    _page_decode_kernel[(b, hkv, num_splits)](
+    group = h // num_lists
+    _page_decode_kernel[(b, num_lists, num_splits)](
         q, cache_kv, pages, block_tables, seq_lens, out, o_part, lse_part,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache_kv.stride(0), cache_kv.stride(1), cache_kv.stride(2), cache_kv.stride(3),
         pages.stride(0), pages.stride(1), block_tables.stride(0),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         num_listed, split_tiles, scale * LOG2_E,
-        GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_SIZE=bs, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, SINGLE_SPLIT=single, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GROUP=group, LISTS_PER_KV=num_lists // hkv, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, BLOCK_SIZE=bs,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SINGLE_SPLIT=single,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=1 if interpreting() else 2,
     )
     if not single:
@@ -174,8 +181,9 @@ def page_sparse_decode_reference(
     q: torch.Tensor, cache_kv: torch.Tensor, pages: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, page_size: int, scale: float,
 ) -> torch.Tensor:
-    """Masked dense attention over each sequence's keys, keeping per KV head the listed pages plus the current
-    one; computed in float64. Gathers only the blocks the sequences own (reference, not fast)."""
+    """Masked dense attention over each sequence's keys, keeping per list (KV head or query head, by
+    pages.shape[1]) the listed pages plus the current one; computed in float64. Gathers only the blocks the
+    sequences own (reference, not fast)."""
     b, h, d = q.shape
     bs, hkv = cache_kv.shape[2], cache_kv.shape[3]
     g = h // hkv
@@ -187,9 +195,10 @@ def page_sparse_decode_reference(
         k = blocks[:, 0].reshape(nb * bs, hkv, d)[:n]
         v = blocks[:, 1].reshape(nb * bs, hkv, d)[:n]
         page_of = torch.arange(n, device=q.device) // page_size
-        listed = pages[i].long()  # [Hkv, K]
+        listed = pages[i].long()  # [L, K]
         keep = (page_of[None, :, None] == listed[:, None, :]).any(-1) | (page_of == (n - 1) // page_size)[None, :]
+        keep = keep.repeat_interleave(h // listed.shape[0], 0).view(hkv, g, n)  # per query head
         s = torch.einsum("kgd,lkd->kgl", q[i].double().view(hkv, g, d), k) * scale
-        s = s.masked_fill(~keep[:, None, :], float("-inf"))
+        s = s.masked_fill(~keep, float("-inf"))
         out[i] = torch.einsum("kgl,lkd->kgd", torch.softmax(s, -1), v).reshape(h, d)
     return out
