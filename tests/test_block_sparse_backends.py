@@ -122,3 +122,47 @@ def test_registry_entries_and_param_errors():
         QuestTorchBackend(LAYER, XAttentionParams("xattention"))
     with pytest.raises(ValueError, match="must divide the KV cache block_size=8"):
         QuestTorchBackend(LAYER, QuestParams("quest", token_budget=64, page_size=16)).cache_spec(8, torch.float32)
+
+
+def _last_tile_blocks(sel, n_tiles: int) -> list[int]:
+    """Number of KV blocks each selection head keeps for the last query tile."""
+    off = sel.block_offsets.tolist()
+    first = (n_tiles - 1) * sel.num_heads
+    return [off[first + h + 1] - off[first + h] for h in range(sel.num_heads)]
+
+
+@pytest.mark.parametrize("cls,params", [
+    (XAttentionTorchBackend, XAttentionParams("xattention", threshold=(0.5,), stride=4, block_size=16)),
+    (XAttentionTritonBackend, XAttentionParams("xattention", threshold=(0.5,), stride=4, block_size=16)),
+    (FlexPrefillTorchBackend, FlexPrefillParams("flexprefill", gamma=0.5, tau=0.3, min_budget=16, block_size=16)),
+    (FlexPrefillTritonBackend, FlexPrefillParams("flexprefill", gamma=0.5, tau=0.3, min_budget=16, block_size=16)),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_dense_last_block_keeps_every_key_block_for_the_last_query_tile(cls, params):
+    """dense_last_block: the last query tile attends every causal block (its rows equal dense attention), the
+    other tiles keep the estimator's selection; without it the same input drops blocks in that tile."""
+    import dataclasses
+
+    q_lens, kv_lens, n_pre = [70, 45], [150, 45], 2  # a chunk after a cached prefix, and a whole prompt
+    batch = random_paged_batch(q_lens, kv_lens, n_pre, H, HKV, D, PAGE, torch.float32, seed=7)
+    cu = batch.meta.cu_seqlens_q.tolist()
+    on = dataclasses.replace(params, dense_last_block=True)
+    plain, forced = cls(LAYER, params), cls(LAYER, on)
+    out = forced.forward(batch.q, batch.k, batch.v, batch.cache, batch.meta)
+    dense = reference_attention(batch, D**-0.5)
+    dropped_before = False
+    for i in range(n_pre):
+        qi = batch.q[cu[i]:cu[i + 1]].transpose(0, 1)[None]
+        ki = batch.k_full[i].transpose(0, 1)[None]
+        tiles = prefill_tiles([q_lens[i]], [kv_lens[i]], params.block_size, "cpu")
+        n_blocks = -(-kv_lens[i] // params.block_size)
+        s_plain, s_forced = plain.prefill_selection(qi, ki), forced.prefill_selection(qi, ki)
+        assert _last_tile_blocks(s_forced, tiles.num_tiles) == [n_blocks] * s_forced.num_heads
+        dropped_before |= min(_last_tile_blocks(s_plain, tiles.num_tiles)) < n_blocks
+        # earlier tiles: the estimator's own selection, untouched
+        n_rows = (tiles.num_tiles - 1) * s_plain.num_heads
+        assert s_forced.block_offsets[: n_rows + 1].tolist() == s_plain.block_offsets[: n_rows + 1].tolist()
+        # the rows of the last tile equal dense attention
+        last_start = int(tiles.start[-1]) - (kv_lens[i] - q_lens[i])
+        rows = slice(cu[i] + max(last_start, 0), cu[i + 1])
+        torch.testing.assert_close(out[rows].double(), dense[rows], rtol=3e-5, atol=3e-5)
+    assert dropped_before  # the plain estimator really drops blocks of the last tile on this input

@@ -43,6 +43,10 @@ def test_yaml_bodies_parse_and_lower():
     assert lower_more(cfg, 9) == QuestParams("quest", token_budget=1024, page_size=16)
     assert dense_layer_indices(cfg, list(range(30))) == {0, 1}
     assert dense_layer_indices(XAttentionConfig(), list(range(30))) == set()
+    for algo, params_cls in (("xattention", XAttentionParams), ("flexprefill", FlexPrefillParams)):
+        lowered = lower_more(union.validate_python({"algorithm": algo, "dense_last_block": True}), 9)
+        assert isinstance(lowered, params_cls) and lowered.dense_last_block
+        assert not lower_more(union.validate_python({"algorithm": algo}), 9).dense_last_block
 
 
 @pytest.mark.parametrize("cls,kwargs,match", [
@@ -50,6 +54,7 @@ def test_yaml_bodies_parse_and_lower():
     (XAttentionConfig, {"threshold": []}, "empty"),
     (XAttentionConfig, {"stride": 12}, "divide block_size=128"),
     (XAttentionConfig, {"block_size": 96}, "64 or 128|literal"),
+    (XAttentionConfig, {"dense_last_block": "sometimes"}, "dense_last_block"),
     (FlexPrefillConfig, {"gamma": 0.0}, "greater than 0"),
     (FlexPrefillConfig, {"min_budget": 2048, "max_budget": 1024}, "max_budget"),
     (VerticalSlashConfig, {"vertical_size": 10, "sink_tokens": 30}, "sink_tokens"),

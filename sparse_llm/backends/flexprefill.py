@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend
 from sparse_llm.configs.sparse_more import FlexPrefillParams
-from sparse_llm.sparse.block_selection import selection_from_masks
+from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block
 from sparse_llm.sparse.flexprefill import flexprefill_block_mask
 
 
@@ -29,6 +29,8 @@ class FlexPrefillTorchBackend(BlockSparseBackend):
         mask, _, _ = flexprefill_block_mask(
             q, k, self.layer.scale, p.gamma, p.tau, p.min_budget, p.max_budget, p.block_size
         )
+        if p.dense_last_block:
+            mask = with_dense_last_query_block(mask)
         return selection_from_masks(mask[0].transpose(0, 1), p.block_size)
 
 

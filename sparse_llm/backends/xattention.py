@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend
 from sparse_llm.configs.sparse_more import XAttentionParams
-from sparse_llm.sparse.block_selection import selection_from_masks
+from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block
 from sparse_llm.sparse.xattention import check_geometry, xattention_block_mask
 
 
@@ -33,6 +33,8 @@ class XAttentionTorchBackend(BlockSparseBackend):
             return None
         thr = p.threshold[0] if len(p.threshold) == 1 else list(p.threshold)
         mask, _ = xattention_block_mask(q, k, self.layer.scale, thr, p.stride, p.block_size, use_triton=self.use_triton)
+        if p.dense_last_block:
+            mask = with_dense_last_query_block(mask)
         return selection_from_masks(mask[0].transpose(0, 1), p.block_size)
 
 

@@ -107,6 +107,14 @@ def csr_from_mask(mask: torch.Tensor, positions: torch.Tensor | None = None) -> 
     return offsets, indices.to(torch.int32)
 
 
+def with_dense_last_query_block(block_mask: torch.Tensor) -> torch.Tensor:
+    """[B, H, nqb, nkb] block mask of queries that are the last positions of the keys: the last query block
+    keeps every key block (all are causal for it: its diagonal block is the last key block)."""
+    out = block_mask.clone()
+    out[:, :, -1, :] = True
+    return out
+
+
 def selection_from_masks(
     block_mask: torch.Tensor,
     block_size: int,
