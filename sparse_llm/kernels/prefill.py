@@ -7,10 +7,13 @@ in, fp32 accumulation, online softmax in base 2 (scores pre-multiplied by scale 
 
 grid = (cdiv(max_seqlen_q, BLOCK_M), num_heads, num_seqs); the longest query tiles start first.
 Per program, the dense build visits KV tiles in ascending order: first those every row sees whole (no
-mask), then the diagonal ones (causal + end-of-sequence mask). The skip build visits them "sink,
+mask; that loop carries the next tile's block-table entries, CARRY_PAGES), then the diagonal ones (causal
++ end-of-sequence mask). The skip build visits them "sink,
 diagonal, rest nearest first" (kernels/geometry.py, PREFILL_ORDER): tile 0, the diagonal tiles, then
 the other unmasked tiles in descending order, so the running max holds the sink and the local scores
-before the middle tiles are judged (when tile 0 is itself diagonal, just the diagonal tiles).
+before the middle tiles are judged (when tile 0 is itself diagonal, just the diagonal tiles). It runs that
+order as two loops: tile 0 and the diagonal tiles in one masked loop (the causal mask is a no-op on tile 0),
+then the rest, whose loop carries the next tile's block-table entries in registers (CARRY_PAGES, below).
 
 Skip-softmax (IS_SKIP, a constexpr: the dense build contains none of it): after QK^T of a tile,
     skip  <=>  max over valid rows r of (tile_rowmax_r - m_r)  <  log2(λ)
@@ -147,19 +150,40 @@ def _kv_tiles(
     offs_n, offs_d,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     IS_SKIP: tl.constexpr, BOUND_SKIP: tl.constexpr, SEG: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DESCENDING: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, DESCENDING: tl.constexpr = False, SINK_FIRST: tl.constexpr = False,
+    CARRY_PAGES: tl.constexpr = False, mid=0,
 ):
     """KV tiles [lo, hi) of one query tile. MASKED: apply causal + end-of-sequence masks. DESCENDING: visit
-    them from hi - BLOCK_N down to lo (lo, hi multiples of BLOCK_N)."""
+    them from hi - BLOCK_N down to lo (lo, hi multiples of BLOCK_N). SINK_FIRST: the first step, lo = mid - BLOCK_N,
+    stands for tile 0, then mid, mid + BLOCK_N, ... (tile 0 and the diagonal tiles in one loop).
+    CARRY_PAGES (unmasked): each step loads the next tile's block-table entries into registers, so K's address
+    does not come from a load of its own step; Triton's pipeliner then fetches K num_stages - 1 tiles ahead
+    instead of one (sm_90 TTGIR: async_wait num 1 at 3 stages, 0 without; benchmarks/skip_prefill_variants.py)."""
+    if CARRY_PAGES:
+        if DESCENDING:
+            first = hi - BLOCK_N
+        else:
+            first = lo
+        page_next = tl.load(bt_row + (first + offs_n) // PAGE_SIZE, mask=(offs_n >= 0) & (lo < hi), other=0)
     for i in range(lo, hi, BLOCK_N):
         if DESCENDING:
             start_n = lo + hi - BLOCK_N - i
+        elif SINK_FIRST:
+            start_n = tl.where(i < mid, 0, i)
         else:
             start_n = i
         kv_idx = start_n + offs_n
         if MASKED:
             kv_ok = kv_idx < kv_len
             page = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_ok, other=0)
+        elif CARRY_PAGES:
+            kv_ok = kv_idx >= 0
+            page = page_next
+            if DESCENDING:
+                nxt = start_n - BLOCK_N
+            else:
+                nxt = start_n + BLOCK_N
+            page_next = tl.load(bt_row + (nxt + offs_n) // PAGE_SIZE, mask=(offs_n >= 0) & (i + BLOCK_N < hi), other=0)
         else:
             kv_ok = kv_idx >= 0
             page = tl.load(bt_row + kv_idx // PAGE_SIZE)
@@ -246,29 +270,26 @@ def _prefill_kernel(
     first_pos = ctx + pid_m * BLOCK_M
     hi = ctx + tl.minimum(q_len, (pid_m + 1) * BLOCK_M)  # one past the last valid row's position
     mid = ((first_pos + 1) // BLOCK_N) * BLOCK_N  # tiles below `mid` are visible to every row
-    if IS_SKIP:  # sink, diagonal, rest nearest first (geometry.prefill_tile_order); empty ranges when mid == 0
+    if IS_SKIP:  # sink, diagonal, rest nearest first (geometry.prefill_tile_order); when mid == 0 tile 0 is diagonal
         sink_end = tl.minimum(mid, BLOCK_N)
-        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(  # tile 0, then the diagonal tiles
             acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
-            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, 0, sink_end,
-            qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
-        )
-        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
-            acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
-            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, mid, hi,
+            k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, mid - sink_end, hi,
             qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, True, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+            SINK_FIRST=True, mid=mid,
         )
-        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
+        acc, l_i, m_i, n_skip, n_pre = _kv_tiles(  # the rest, nearest first
             acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
             k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, sink_end, mid,
             qk_scale, offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
-            DESCENDING=True,
+            DESCENDING=True, CARRY_PAGES=True,
         )
     else:
         acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
             acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
             k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, 0, mid, qk_scale,
             offs_n, offs_d, PAGE_SIZE, BLOCK_N, False, IS_SKIP, BOUND_SKIP, SEG, NB, NB_PAD, DOT_PRECISION,
+            CARRY_PAGES=True,
         )
         acc, l_i, m_i, n_skip, n_pre = _kv_tiles(
             acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
