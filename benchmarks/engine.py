@@ -142,6 +142,25 @@ def build_random_llama(device: torch.device, dtype: torch.dtype, shape: dict):
     return ours, hf
 
 
+def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Our Llama with random weights (normal, std 0.02), without building an HF copy."""
+    import transformers
+
+    config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    model = our_llama(config, device, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    model.to(device).eval()
+    layers = model.attention_layers()
+    return LoadedModel(
+        model=model, hf_config=config, tokenizer=CountingTokenizer(), checkpoint_meta=None, attention_layers=layers,
+        layer_specs=[layer.spec for layer in layers], eos_token_ids=[], max_position_embeddings=config.max_position_embeddings,
+        source="random weights",
+    )
+
+
 # --- measurements ----------------------------------------------------------------------------------
 def make_llm(loaded, max_model_len: int, kv_tokens: int, max_num_seqs: int, batched_tokens: int, eager: bool) -> LLM:
     args = LlmArgs(

@@ -19,30 +19,12 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from engine import LLAMA3_8B, SMOLLM2_SHAPE, our_llama, random_prompts  # noqa: E402
+from engine import LLAMA3_8B, SMOLLM2_SHAPE, random_model, random_prompts  # noqa: E402
 
 from sparse_llm.configs.llm_args import LlmArgs  # noqa: E402
 from sparse_llm.engine.llm_engine import LLMEngine  # noqa: E402
 from sparse_llm.engine.sampling_params import SamplingParams  # noqa: E402
 from sparse_llm.models.loader import LoadedModel  # noqa: E402
-
-
-def random_model(shape: dict, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    import transformers
-
-    from engine import CountingTokenizer
-
-    config = transformers.LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = our_llama(config, device, dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    model.to(device).eval()
-    layers = model.attention_layers()
-    return LoadedModel(model=model, hf_config=config, tokenizer=CountingTokenizer(), checkpoint_meta=None,
-                       attention_layers=layers, layer_specs=[layer.spec for layer in layers], eos_token_ids=[],
-                       max_position_embeddings=config.max_position_embeddings, source="random weights")
 
 
 def kernel_table(prof, steps: int, limit: int, device: bool = True) -> list[dict]:
