@@ -58,8 +58,6 @@ if "--cpu-smoke" in sys.argv:  # must precede the Triton import: kernels run in 
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +70,7 @@ from attention_kernels import (  # noqa: E402
     result_path,
     synthetic_kv_q,
 )
+from prefill_variants import _BUILD_ERRORS, _timer  # noqa: E402  (a variant that cannot build is a result)
 
 from sparse_llm.backends import skip_softmax_torch  # noqa: E402
 from sparse_llm.kernels.geometry import PREFILL_BLOCK_N  # noqa: E402
@@ -81,7 +80,6 @@ LOG2_E = 1.0 / math.log(2.0)
 BLOCK_M = 128
 TOL = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # vs the library kernel's output
 TARGETS = (0.5, 0.75)
-_BUILD_ERRORS = (CompilationError, OutOfResources, RuntimeError, ValueError, AssertionError)
 
 
 # ----------------------------------------------------------------------------------------------- kernel
@@ -755,18 +753,6 @@ def main(argv=None) -> int:
     print(f"wrote {out_path} ({result['seconds']} s)")
     ok = all(v["ok"] for v in result["check_small"]["variants"].values())
     return 0 if ok else 1
-
-
-def _timer(device):
-    if device.type == "cuda":
-        return lambda fn: triton.testing.do_bench(fn, return_mode="median")
-
-    def once(fn):  # CPU smoke: exercise the path, the time means nothing
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-
-    return once
 
 
 if __name__ == "__main__":
