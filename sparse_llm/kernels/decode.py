@@ -12,7 +12,9 @@ sink) and starts its running max there (l = 0, acc = 0: only split 0 accumulates
 loop). Without the seed each split's first tile met m = -inf and could never be skipped, which capped
 decode sparsity near 1 - 1/split_tiles. Any starting max keeps online softmax exact; only split 0's
 tile 0 is never skipped. A split that skips all its tiles has l = 0 and writes o = 0, lse = -inf, which
-the merge weighs 0. Torch reference: backends/skip_softmax_torch.py (`skip_softmax_decode_reference`),
+the merge weighs 0. The skip build carries each tile's block-table entries one iteration ahead, so
+its K load is not held behind a same-iteration table load (its V load, inside the processed branch, is
+never pipelined; the carried address at least lets it issue at once). Torch reference: backends/skip_softmax_torch.py (`skip_softmax_decode_reference`),
 which takes the same `split_tiles`.
 """
 from __future__ import annotations
@@ -28,10 +30,21 @@ from sparse_llm.kernels.tuning import autotune_configs
 
 LOG2_E = 1.0 / math.log(2.0)
 
+# The register-capped configs serve the skip build: at its natural 168+ registers per thread fewer programs fit
+# on an SM than for the dense build (benchmarks/skip_decode_variants.py picked 4 warps, r128 at 8K b64 and 128K b1).
 _CONFIGS = autotune_configs(
-    [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)],
+    [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    + [triton.Config({}, num_warps=4, num_stages=s, maxnreg=128) for s in (2, 3)],
     triton.Config({}, num_warps=4, num_stages=1),
 )
+
+
+@triton.jit
+def _tile_pages(bt_row, t, lim, offs_n, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Block-table entries of tile t's keys below `lim` (kv_len, or 0 for none; 0 where masked). The mask is
+    `index < scalar limit`: `vector & scalar-bool` fails in the interpreter."""
+    kv_idx = t * BLOCK_N + offs_n
+    return tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_idx < lim, other=0)
 
 
 @triton.autotune(
@@ -85,10 +98,16 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     n_skip = tl.zeros([], tl.int32)
+    if IS_SKIP:  # carried block-table entries (docs/kernels.md, "Prefetch distance"): tile t_lo's now
+        page_next = _tile_pages(bt_row, t_lo, kv_len, offs_n, BLOCK_N, PAGE_SIZE)
     for t in range(t_lo, t_hi):
         kv_idx = t * BLOCK_N + offs_n
         kv_ok = kv_idx < kv_len
-        page = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_ok, other=0)
+        if IS_SKIP:  # this tile's entries were loaded one iteration ago; load the next tile's now
+            page = page_next
+            page_next = _tile_pages(bt_row, t + 1, tl.where(t + 1 < t_hi, kv_len, 0), offs_n, BLOCK_N, PAGE_SIZE)
+        else:
+            page = _tile_pages(bt_row, t, kv_len, offs_n, BLOCK_N, PAGE_SIZE)
         kv_off = page.to(tl.int64) * stride_cb + (kv_idx % PAGE_SIZE) * stride_cp
         k_ptrs = k_base + kv_off[:, None] + offs_d[None, :]
         k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)
