@@ -144,6 +144,18 @@ def _bound_skips(
 
 
 @triton.jit
+def _tile_pages(bt_row, start_n, offs_n, valid, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block-table entries of the key tile at start_n (0 where not `valid`): a single entry when the page
+    size is a multiple of BLOCK_N (the tile lies in one page), else one per key."""
+    if PAGE_SIZE % BLOCK_N == 0:
+        entries = tl.load(bt_row + start_n // PAGE_SIZE, mask=valid, other=0)
+    else:
+        kv_idx = start_n + offs_n
+        entries = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=(offs_n >= 0) & valid, other=0)
+    return entries
+
+
+@triton.jit
 def _kv_tiles(
     acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
     k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, lo, hi, qk_scale,
@@ -164,7 +176,7 @@ def _kv_tiles(
             first = hi - BLOCK_N
         else:
             first = lo
-        page_next = tl.load(bt_row + (first + offs_n) // PAGE_SIZE, mask=(offs_n >= 0) & (lo < hi), other=0)
+        page_next = _tile_pages(bt_row, first, offs_n, lo < hi, PAGE_SIZE, BLOCK_N)
     for i in range(lo, hi, BLOCK_N):
         if DESCENDING:
             start_n = lo + hi - BLOCK_N - i
@@ -175,7 +187,10 @@ def _kv_tiles(
         kv_idx = start_n + offs_n
         if MASKED:
             kv_ok = kv_idx < kv_len
-            page = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_ok, other=0)
+            if PAGE_SIZE % BLOCK_N == 0:
+                page = tl.load(bt_row + start_n // PAGE_SIZE)  # a visited tile starts before kv_len
+            else:
+                page = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_ok, other=0)
         elif CARRY_PAGES:
             kv_ok = kv_idx >= 0
             page = page_next
@@ -183,11 +198,14 @@ def _kv_tiles(
                 nxt = start_n - BLOCK_N
             else:
                 nxt = start_n + BLOCK_N
-            page_next = tl.load(bt_row + (nxt + offs_n) // PAGE_SIZE, mask=(offs_n >= 0) & (i + BLOCK_N < hi), other=0)
+            page_next = _tile_pages(bt_row, nxt, offs_n, i + BLOCK_N < hi, PAGE_SIZE, BLOCK_N)
         else:
             kv_ok = kv_idx >= 0
-            page = tl.load(bt_row + kv_idx // PAGE_SIZE)
-        kv_off = page.to(tl.int64) * stride_cb + (kv_idx % PAGE_SIZE) * stride_cp
+            page = _tile_pages(bt_row, start_n, offs_n, True, PAGE_SIZE, BLOCK_N)
+        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one row offset, the rows consecutive
+            kv_off = page.to(tl.int64) * stride_cb + (start_n % PAGE_SIZE + offs_n) * stride_cp
+        else:
+            kv_off = page.to(tl.int64) * stride_cb + (kv_idx % PAGE_SIZE) * stride_cp
         k_ptrs = k_base + kv_off[:, None] + offs_d[None, :]
         # BOUND_SKIP: K is still issued first, so its latency hides under the bound's dots when the tile
         # is processed (the QK^T dot sits in a branch, where Triton does not pipeline the load).
