@@ -49,7 +49,10 @@ def _tile_pages(bt_row, t, lim, offs_n, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.con
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["HEAD_DIM", "PAGE_SIZE", "BLOCK_N", "BLOCK_H", "IS_SKIP", "COLLECT_STATS", "SINGLE_SPLIT", "tune_bucket"],
+    # tune_bucket ~ programs launched, split_bucket ~ tiles per program: both change which config wins (the skip
+    # build at 32K b16 and 128K b1 launch the same number of programs but walk 103 vs 32 tiles each).
+    key=["HEAD_DIM", "PAGE_SIZE", "BLOCK_N", "BLOCK_H", "IS_SKIP", "COLLECT_STATS", "SINGLE_SPLIT", "tune_bucket",
+         "split_bucket"],
     reset_to_zero=["STATS"],
 )
 @triton.jit
@@ -58,7 +61,7 @@ def _decode_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_ckv, stride_cp, stride_ch, stride_bt,
     stride_pt, stride_ph, stride_ps,
-    qk_scale, split_tiles, tune_bucket,
+    qk_scale, split_tiles, tune_bucket, split_bucket,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_SKIP: tl.constexpr, COLLECT_STATS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -229,7 +232,7 @@ def paged_decode(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         cache_kv.stride(0), cache_kv.stride(1), cache_kv.stride(2), cache_kv.stride(3), block_tables.stride(0),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        scale * LOG2_E, split_tiles, min((b * hkv * num_splits).bit_length(), 16),
+        scale * LOG2_E, split_tiles, min((b * hkv * num_splits).bit_length(), 16), split_tiles.bit_length(),
         GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d, PAGE_SIZE=cache_kv.shape[2], BLOCK_N=block_n,
         IS_SKIP=is_skip, COLLECT_STATS=stats is not None, SINGLE_SPLIT=single,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
