@@ -14,6 +14,8 @@ the other unmasked tiles in descending order, so the running max holds the sink 
 before the middle tiles are judged (when tile 0 is itself diagonal, just the diagonal tiles). It runs that
 order as two loops: tile 0 and the diagonal tiles in one masked loop (the causal mask is a no-op on tile 0),
 then the rest, whose loop carries the next tile's block-table entries in registers (CARRY_PAGES, below).
+When the page size is a multiple of BLOCK_N a key tile lies in one page: one block-table entry per tile and
+consecutive rows from one offset (`_tile_pages`), +10-12% dense TFLOP/s on the H100 at page 128 vs 16.
 
 Skip-softmax (IS_SKIP, a constexpr: the dense build contains none of it): after QK^T of a tile,
     skip  <=>  max over valid rows r of (tile_rowmax_r - m_r)  <  log2(λ)
