@@ -392,6 +392,8 @@ def time_case(n, b, args, device, dtype, table, bench, small) -> dict:
                     "_ref": case.library(lam).clone(), "us": us(lambda lam=lam: case.library(lam))}
     res["library_skip"] = {k: {kk: vv for kk, vv in v.items() if kk != "_ref"} for k, v in lib.items()}
     print(_lib_line(res), flush=True)
+    if args.split_sweep:
+        res["split_sweep"] = split_sweep(case, factor, args.split_sweep, us)
     rows = []
     for name, (consts, cfgs, kind) in table.items():
         if not small["variants"].get(name, {}).get("ok"):
@@ -404,6 +406,29 @@ def time_case(n, b, args, device, dtype, table, bench, small) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def split_sweep(case, factor, scales, us) -> list[dict]:
+    """The library builds at other split lengths (tiles per program): the number of programs decides how the
+    last wave fills the GPU, and a skip program's running max sees more tiles in a longer split. Each row: the
+    split length, the skip build's achieved sparsity at the ≈50% factor and its time, and the dense build's time."""
+    rows = []
+    lam = case.log_lam(factor)
+    for scale in scales:
+        split = max(1, round(case.split["skip"] * scale))
+
+        def run(log_lam=None, stats=None, split=split):
+            return paged_decode(case.q, case.cache, case.lens, case.tables, case.max_len, case.scale, log_lam, stats,
+                                split_tiles=split, block_n=case.block_n, out=case.out)
+
+        stats = torch.zeros(len(case.kv_lens), 2, dtype=torch.int32, device=case.device)
+        run(lam, stats)
+        row = {"scale": scale, "split_tiles": split, "sparsity": sparsity(stats.cpu()),
+               "skip_us": us(lambda: run(lam)), "dense_us": us(lambda: run())}
+        rows.append(row)
+        print(f"  split x{scale:<5} {split:5d} tiles  skip {row['skip_us']:8.1f} us at {row['sparsity']:.1%}"
+              f"  dense {row['dense_us']:8.1f} us", flush=True)
+    return rows
 
 
 def _time_variant(name, consts, cfgs, kind, case, lib, dense_ref, args, us) -> dict:
@@ -557,6 +582,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="--cpu-smoke dtype")
     ap.add_argument("--sm90-report", action="store_true", help="CPU: compile for sm_90, print ptxas regs/spills, exit")
     ap.add_argument("--dump-ttgir", default=None, metavar="DIR", help="--sm90-report: also write each TTGIR here")
+    ap.add_argument("--split-sweep", nargs="+", type=float, default=None, metavar="SCALE",
+                    help="also time the library builds at these multiples of the skip split length (e.g. 0.5 0.75 1.5 2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     table = variants()
