@@ -54,7 +54,7 @@ from sparse_llm.backends.key_bounds import update_key_bounds  # noqa: E402
 from sparse_llm.backends.paged_batch import random_paged_batch, reference_attention  # noqa: E402
 from sparse_llm.backends.skip_softmax_torch import skip_softmax_paged_torch  # noqa: E402
 from sparse_llm.kernels.decode import paged_decode  # noqa: E402
-from sparse_llm.kernels.geometry import cdiv, decode_split_tiles, num_sms  # noqa: E402
+from sparse_llm.kernels.geometry import PREFILL_BLOCK_M, cdiv, decode_split_tiles, num_sms  # noqa: E402
 from sparse_llm.kernels.prefill import paged_prefill  # noqa: E402
 
 TARGETS = (0.5, 0.75)
@@ -259,8 +259,9 @@ def _prefill_one(n, args, device, dtype, planner, bench) -> tuple[dict, list]:
     flops = 2.0 * n * n * h * d  # causal half of 4·N²·H·D
 
     def ours(lam=None, stats=None, bounds=None):
+        bm = args.skip_block_m if lam is not None and args.skip_block_m else PREFILL_BLOCK_M
         return paged_prefill(q, cache, m.cu_seqlens_q, m.seq_lens, m.block_tables, n, scale, lam, stats,
-                             key_bounds=bounds)
+                             key_bounds=bounds, block_m=bm)
 
     row = {"seq_len": n, "ours_ms": bench(ours)}
     row["ours_tflops"] = flops / row["ours_ms"] * 1e-9
@@ -535,6 +536,10 @@ def parse_args(argv=None):
     ap.add_argument("--bound-skip", action="store_true",
                     help="also time skip-softmax prefill with the key min/max bound pre-skip (pre-skip fraction reported)")
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode sections")
+    ap.add_argument("--skip-block-m", type=int, default=None, metavar="ROWS",
+                    help="query rows per tile of the skip-softmax prefill rows (synthetic input; default the "
+                         "library's 128): the skip decision is per query tile, so fewer rows vote and one "
+                         "warpgroup needs no cross-warpgroup reduction; the dense rows keep 128")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill sections (and --smollm2)")
     ap.add_argument("--smollm2", type=int, default=0, metavar="N",
                     help="also skip-softmax prefill on q/k/v captured from SmolLM2 layers on an N-token prompt (<= 8192)")
@@ -581,7 +586,8 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-                  "dtype": str(dtype).replace("torch.", ""), "page_size": args.page_size},
+                  "dtype": str(dtype).replace("torch.", ""), "page_size": args.page_size,
+                  "skip_prefill_block_m": args.skip_block_m or PREFILL_BLOCK_M},
     }
     t0 = time.time()
     result["correctness"] = check_correctness(args, device, dtype, planner)
