@@ -20,6 +20,9 @@ tile sparsity (0.99× / 1.17× our dense at 50% / 75%, 32K). Variants (one self-
                 one iteration ahead): K's address then does not depend on a load of its own iteration, the
                 indirection that keeps Triton's pipeliner at a K prefetch distance of one tile (sm_90 TTGIR)
   two_carried_vtop  two_carried + v_top_plain
+  two_carried_pv_always  (session 5) two_carried, V at the top, and the decision gating only the exps and row sums:
+                a skipped tile adds p = 0 through a P·V at the loop's top level (an MMA it does not need, but V and
+                both dots stay pipelined, the V tile never sits in registers; it saves the exps, ≈ 1/3 of a tile)
   bn64          (d) copy with BLOCK_N = 64 (other tiles: other skip counts; its own factor is bisected)
   ascending     (e) the session-2 order (unmasked [0, mid) ascending, then the diagonal): other skips, own factor
   dense_copy, dense_carried   (f) the library's DENSE build, and it with two_carried's page carrying (the dense
@@ -144,6 +147,22 @@ def _step(
         else:
             v = tl.load(k_ptrs + stride_ckv)
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, qk_scale, m_tile, v, True, False)
+    elif V_LOAD == "pv_always":
+        # The decision gates only the exps and the row sums: a skipped tile contributes p = 0 to a P·V that runs
+        # at the loop's top level, so V and both dots stay where Triton's pipeliner multi-buffers them.
+        gap = tl.where(row_valid, m_tile - m_i, float("-inf"))
+        if tl.max(gap, 0) >= log2_lam:
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        else:
+            alpha = tl.zeros_like(m_i) + 1.0
+            p = tl.zeros_like(qk)
+            n_skip += 1
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
     else:
         gap = tl.where(row_valid, m_tile - m_i, float("-inf"))
         if tl.max(gap, 0) >= log2_lam:
@@ -358,6 +377,7 @@ def variants() -> dict:
         "lean_index": ({**two, "LEAN_INDEX": True}, s23, "same"),
         "two_carried": ({**two, "LOOP": "carried"}, _W8, "same"),
         "two_carried_vtop": ({**two, "LOOP": "carried", "V_LOAD": "top_plain"}, _W8, "same"),
+        "two_carried_pv_always": ({**two, "LOOP": "carried", "V_LOAD": "pv_always"}, _W8, "same"),
         "bn64": ({**_COPY, "BLOCK_N": 64}, s23, "other"),
         "ascending": ({**_COPY, "ORDER": "ascending"}, s23, "other"),
         "dense_copy": (dense, _W8, "dense"),
