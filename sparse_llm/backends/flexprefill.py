@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend
 from sparse_llm.configs.sparse_more import FlexPrefillParams
-from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block
+from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block, with_local_window
 from sparse_llm.sparse.flexprefill import flexprefill_block_mask
 
 
@@ -26,9 +26,10 @@ class FlexPrefillTorchBackend(BlockSparseBackend):
         p = self.params
         if p.seq_len_threshold is not None and k.shape[2] < p.seq_len_threshold:
             return None
-        mask, _, _ = flexprefill_block_mask(
+        mask, qb0, _ = flexprefill_block_mask(
             q, k, self.layer.scale, p.gamma, p.tau, p.min_budget, p.max_budget, p.block_size
         )
+        mask = with_local_window(mask, qb0, p.local_window, p.block_size)
         if p.dense_last_block:
             mask = with_dense_last_query_block(mask)
         return selection_from_masks(mask[0].transpose(0, 1), p.block_size)

@@ -110,14 +110,19 @@ class QuestTorchBackend(BlockSparseBackend):
         blocks = tables[:, (pages // ppb).clamp(max=tables.shape[1] - 1)]  # [Nd, P]; past the end: masked below
         mm = minmax[blocks, (pages % ppb)[None, :]]  # [Nd, P, 2, Hkv, D]
         n_pages = (meta.seq_lens[npf:].long() + ps - 1) // ps
+        w = self.params.spread_weight
         if self.group_selection:
             dt = torch.promote_types(q.dtype, torch.float32)
             lo = torch.nan_to_num(mm[:, :, 0].to(dt), posinf=0.0, neginf=0.0)  # pages past the end: masked anyway
             hi = torch.nan_to_num(mm[:, :, 1].to(dt), posinf=0.0, neginf=0.0)
+            if w != 1.0:  # the bound of the shrunk box centre ± w half-range is the spread-weighted score
+                lo, hi = (lo + hi) / 2 - w * (hi - lo) / 2, (lo + hi) / 2 + w * (hi - lo) / 2
             scores = group_page_scores(q, lo, hi, n_pages, self.layer.head_dim, self.layer.scale)
-            return quest_topk(mask_scores(scores, n_pages), self.params.token_budget // ps, ps)
-        scores = page_scores(q, mm[:, :, 0], mm[:, :, 1])
-        return quest_selection(scores, n_pages, self.params.token_budget // ps, ps)
+            masked = mask_scores(scores, n_pages, self.params.sink_pages, self.params.recent_pages)
+            return quest_topk(masked, self.params.token_budget // ps, ps)
+        scores = page_scores(q, mm[:, :, 0], mm[:, :, 1], w)
+        return quest_selection(scores, n_pages, self.params.token_budget // ps, ps, self.params.sink_pages,
+                               self.params.recent_pages)
 
 
 class QuestGroupTorchBackend(QuestTorchBackend):
@@ -154,7 +159,8 @@ class QuestTritonBackend(QuestTorchBackend):
         _, pages = page_sparse_step(
             q, cache["kv"], mm[:, :, 0], mm[:, :, 1], meta.block_tables[npf:], lens, ps, max_pages,
             self.layer.head_dim, self.params.token_budget // ps - 1, self.layer.scale, out=out,
-            per_query_head=not self.group_selection,
+            per_query_head=not self.group_selection, sink_pages=self.params.sink_pages,
+            recent_pages=self.params.recent_pages, spread_weight=self.params.spread_weight,
         )
         # Query-key pairs summed over query heads, as the other block-sparse backends count.
         heads_per_list = self.layer.num_heads // pages.shape[1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend
 from sparse_llm.configs.sparse_more import XAttentionParams
-from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block
+from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block, with_local_window
 from sparse_llm.sparse.xattention import check_geometry, xattention_block_mask
 
 
@@ -32,7 +32,8 @@ class XAttentionTorchBackend(BlockSparseBackend):
         if p.seq_len_threshold is not None and k.shape[2] < p.seq_len_threshold:
             return None
         thr = p.threshold[0] if len(p.threshold) == 1 else list(p.threshold)
-        mask, _ = xattention_block_mask(q, k, self.layer.scale, thr, p.stride, p.block_size, use_triton=self.use_triton)
+        mask, qb0 = xattention_block_mask(q, k, self.layer.scale, thr, p.stride, p.block_size, use_triton=self.use_triton)
+        mask = with_local_window(mask, qb0, p.local_window, p.block_size)
         if p.dense_last_block:
             mask = with_dense_last_query_block(mask)
         return selection_from_masks(mask[0].transpose(0, 1), p.block_size)

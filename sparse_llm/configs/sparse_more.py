@@ -30,6 +30,7 @@ class XAttentionParams(LayerSparseParams):
     block_size: int = 128
     seq_len_threshold: int | None = None
     dense_last_block: bool = False
+    local_window: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class FlexPrefillParams(LayerSparseParams):
     block_size: int = 128
     seq_len_threshold: int | None = None
     dense_last_block: bool = False
+    local_window: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,9 @@ class QuestParams(LayerSparseParams):
     token_budget: int = 2048
     page_size: int = 16
     selection: str = "per_query_head"
+    sink_pages: int = 0
+    recent_pages: int = 1
+    spread_weight: float = 1.0
 
     @property
     def registry_key(self) -> str:
@@ -89,6 +94,15 @@ class SnapKVParams(LayerSparseParams):
 _BLOCK = Field(128, description="Query/key block size of the sparse kernel, in tokens: 64 or 128.")
 _SEQ_THRESHOLD = Field(
     None, gt=0, description="Prefill chunks whose KV length is shorter than this run dense (None = always sparse)."
+)
+_LOCAL_WINDOW = Field(
+    0,
+    ge=0,
+    description="Not in the paper. Every query row also attends (at least) the local_window keys before it: each query "
+    "block keeps the key blocks that hold the local_window positions before its first row. The estimate forces only "
+    "the diagonal block, so the first rows of a block lose their local context (the tokens just before them) when "
+    "the previous block is not selected -- on SmolLM2 that corrupts the needle's keys and values (docs/algorithms.md). "
+    "0 = off; block_size = the previous block, about one block per query block of extra work.",
 )
 _DENSE_LAST_BLOCK = Field(
     False,
@@ -115,6 +129,7 @@ class XAttentionConfig(BaseSparseAttentionConfig):
     block_size: Literal[64, 128] = _BLOCK
     seq_len_threshold: int | None = _SEQ_THRESHOLD
     dense_last_block: bool = _DENSE_LAST_BLOCK
+    local_window: int = _LOCAL_WINDOW
 
     @field_validator("threshold")
     @classmethod
@@ -151,6 +166,7 @@ class FlexPrefillConfig(BaseSparseAttentionConfig):
     block_size: Literal[64, 128] = _BLOCK
     seq_len_threshold: int | None = _SEQ_THRESHOLD
     dense_last_block: bool = _DENSE_LAST_BLOCK
+    local_window: int = _LOCAL_WINDOW
 
     @model_validator(mode="after")
     def _budgets(self) -> "FlexPrefillConfig":
@@ -199,6 +215,15 @@ class QuestConfig(BaseSparseAttentionConfig):
         "of a GQA group pick one page list together (softmaxed page bounds summed over the group), so each selected "
         "K/V page is read once per group: much faster decode, less accurate at the same token_budget.",
     )
+    sink_pages: int = Field(
+        0, ge=0, description="The first this-many pages (the attention sink) are always attended, inside token_budget.")
+    recent_pages: int = Field(
+        1, ge=1, description="The last this-many pages (the current page and those before it) are always attended, "
+        "inside token_budget; 1 = the current page only (the paper).")
+    spread_weight: float = Field(
+        1.0, ge=0.0, le=1.0, description="Page score q·centre + spread_weight Σ_d |q_d| half-range_d of the page's keys: "
+        "1 = Quest's upper bound Σ_d max(q_d min_d, q_d max_d); < 1 discounts the in-page spread of channels whose "
+        "keys vary widely inside a page (SmolLM2's low RoPE frequencies), which lets mixed pages outrank the needle.")
 
     @model_validator(mode="after")
     def _pages(self) -> "QuestConfig":
@@ -206,6 +231,11 @@ class QuestConfig(BaseSparseAttentionConfig):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.token_budget % self.page_size:
             raise ValueError(f"token_budget ({self.token_budget}) must be a multiple of page_size ({self.page_size})")
+        budget_pages = self.token_budget // self.page_size
+        if self.sink_pages + self.recent_pages > budget_pages:
+            raise ValueError(
+                f"sink_pages ({self.sink_pages}) + recent_pages ({self.recent_pages}) must be at most token_budget // "
+                f"page_size = {budget_pages} pages: forced pages count against the budget")
         return self
 
 
@@ -269,18 +299,21 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
                 f"xattention threshold has {len(thr)} values; give one number or one per query head ({num_heads})"
             )
         return XAttentionParams("xattention", threshold=thr, stride=cfg.stride, block_size=cfg.block_size,
-                                seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block)
+                                seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block,
+                                local_window=cfg.local_window)
     if isinstance(cfg, FlexPrefillConfig):
         return FlexPrefillParams("flexprefill", gamma=cfg.gamma, tau=cfg.tau, min_budget=cfg.min_budget,
                                  max_budget=cfg.max_budget, block_size=cfg.block_size,
-                                 seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block)
+                                 seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block,
+                                 local_window=cfg.local_window)
     if isinstance(cfg, VerticalSlashConfig):
         return VerticalSlashParams("vertical_slash", vertical_size=cfg.vertical_size, slash_size=cfg.slash_size,
                                    last_q=cfg.last_q, sink_tokens=cfg.sink_tokens,
                                    local_diagonals=cfg.local_diagonals, block_size=cfg.block_size,
                                    seq_len_threshold=cfg.seq_len_threshold)
     if isinstance(cfg, QuestConfig):
-        return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size, selection=cfg.selection)
+        return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size, selection=cfg.selection,
+                           sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, spread_weight=cfg.spread_weight)
     if isinstance(cfg, SnapKVConfig):  # AdaSnapKVConfig included
         return SnapKVParams(cfg.algorithm, window_size=cfg.window_size, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
                             prompt_budget=cfg.prompt_budget, seq_len_threshold=cfg.seq_len_threshold,

@@ -19,7 +19,11 @@ so every min/max entry is read once per group):
      the group-reduced score of its chunk and either stores it or sorts the chunk (tl.sort on int64 keys
      score bits | page) and keeps its best candidates.
   3. `_top_keys_kernel`: the best k of the candidates per (decode, KV head) in one or two sorting rounds.
-Torch reference: `backends.rocket_select.group_page_scores` / `select_pages`.
+Quest per query head replaces 2 and 3 by `_bisect_top_pages_kernel` (rows of up to BISECT_MAX_PAGES pages):
+one program per (decode, query head) finds the k-th best bound by bisection on its bits, with no sort of the
+row (H sorted rows cost ~4x the KV-head mode's Hkv; benchmarks/quest_decode_variants.py).
+Torch reference: `backends.rocket_select.group_page_scores` / `select_pages`; per query head
+`sparse.quest.quest_selection`.
 
 Cost tracks the real cache, not `max_pages`: a decode CUDA graph sizes `max_pages` from its max_model_len-wide
 block tables, while a compacted sequence may hold far fewer pages. The grids stay shape-only (graph-safe, no
@@ -37,6 +41,7 @@ import triton
 import triton.language as tl
 
 from sparse_llm.kernels.geometry import next_pow2
+from sparse_llm.kernels.page_force import force_pages_
 from sparse_llm.kernels.tuning import interpreting
 
 # Programs per launch along the page axis before programs loop over several chunks (`_programs_per_row`):
@@ -44,6 +49,9 @@ from sparse_llm.kernels.tuning import interpreting
 PROGRAMS_PER_LAUNCH = 16 if interpreting() else 1024
 # The final top-k sorts KC, FINAL_MID_FACTOR * KC or all candidates, the smallest holding every nonzero key.
 FINAL_MID_FACTOR = 8
+# Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
+# its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
+BISECT_MAX_PAGES = 16384
 
 
 @triton.jit
@@ -52,7 +60,7 @@ def _scores_kernel(
     stride_qn, stride_qh,
     stride_mb, stride_mp, stride_mk, stride_mh,
     stride_bt, stride_sn, stride_sh, stride_pn, stride_ph,
-    max_pages, page_size, scale,
+    max_pages, page_size, scale, spread,
     GROUP: tl.constexpr, PPB: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -69,8 +77,11 @@ def _scores_kernel(
     live = tl.cdiv(n_ranked, BLOCK_P)
     q = tl.load(Q + n.to(tl.int64) * stride_qn + (kvh * GROUP + rows)[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q_pos = tl.maximum(q, 0.0).to(COMPUTE)
-    q_neg = tl.minimum(q, 0.0).to(COMPUTE)
+    # ½(q ± spread |q|): max(q, 0) and min(q, 0) exactly at spread 1 (Quest's bound); < 1 discounts the
+    # in-page spread (score q·centre + spread Σ|q_d| half-range; QuestConfig.spread_weight).
+    q_abs = tl.abs(q) * spread
+    q_pos = (0.5 * (q + q_abs)).to(COMPUTE)
+    q_neg = (0.5 * (q - q_abs)).to(COMPUTE)
     s_row = S + n.to(tl.int64) * stride_sn + (kvh * GROUP + rows)[:, None] * stride_sh
     part = n.to(tl.int64) * stride_pn + (kvh * GROUP + rows) * stride_ph
     for chunk in range(tl.program_id(2), live, tl.num_programs(2)):
@@ -209,6 +220,54 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
     tl.store(PAGES_ROW + offs, page, mask=offs < k)
 
 
+@triton.jit
+def _bisect_top_pages_kernel(
+    S, LENS, PAGES, stride_sn, stride_sh, stride_pn, stride_ph, page_size, k,
+    BLOCK: tl.constexpr, KP: tl.constexpr,
+):
+    # grid = (num_decodes, num_lists). The row's top-k ranked pages, best first, without sorting the row:
+    # o = an int32 image of the fp32 bits that orders like the floats (negative floats' magnitude bits flipped;
+    # unranked pages -2^31, below every real score); T = the k-th largest o by bisection (count(o >= mid) >= k
+    # keeps mid); the pages with o > T and the lowest pages with o == T (ties go to the lower page) are stored at
+    # their prefix-sum slots; then the k slots are sorted best first (int64 keys, `_page_keys`); -1 past
+    # min(k, ranked pages).
+    n = tl.program_id(0)
+    lst = tl.program_id(1)
+    n_ranked = _ranked_pages(LENS, n, page_size)
+    offs = tl.arange(0, BLOCK)
+    ranked = offs < n_ranked
+    s_row = S + n.to(tl.int64) * stride_sn + lst * stride_sh
+    bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
+    o = tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
+    k_eff = tl.minimum(n_ranked, k)
+    lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
+    hi = tl.zeros([], tl.int64) + 2147483647
+    for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
+        mid = lo + (hi - lo + 1) // 2
+        take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+    t = lo.to(tl.int32)
+    above = o > t
+    tie = o == t
+    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k_eff - tl.sum(above.to(tl.int32), 0)))
+    p_row = PAGES + n.to(tl.int64) * stride_pn + lst * stride_ph
+    tl.store(p_row + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
+    tl.debug_barrier()  # the slots were written by other threads of this program
+    slots = tl.arange(0, KP)
+    filled = slots < k_eff
+    pg = tl.load(p_row + slots, mask=filled, other=0)
+    keys = tl.sort(_page_keys(tl.load(s_row + pg, mask=filled, other=0.0), pg, filled), 0, descending=True)
+    tl.debug_barrier()
+    tl.store(p_row + slots, tl.where(keys > 0, 2147483647 - (keys & 2147483647), -1).to(tl.int32), mask=slots < k)
+
+
+def _bisect_warps(block: int) -> int:
+    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread (16 warps at 8192 pages: 90 registers
+    on sm_90, vs 149 at 8 warps)."""
+    return max(4, min(16, block // 512))
+
+
 def _compute_dtype(minmax: torch.Tensor):
     """(tl dtype, input precision) of the scoring dots: exact fp32 in the interpreter and for fp32 caches;
     fp16 for fp16 / float8_e5m2 caches (e5m2 values are fp16 values); bf16 for bf16 caches."""
@@ -233,7 +292,7 @@ def _programs_per_row(chunks: int, rows: int) -> int:
     return max(1, min(chunks, triton.cdiv(PROGRAMS_PER_LAUNCH, max(rows, 1))))
 
 
-def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale):
+def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, spread=1.0):
     """Kernel 1: per-head scaled bounds S [N, H, max_pages] and their per-chunk softmax partials."""
     n, h, d = q.shape
     nb, ppb, hkv, d2 = lo.shape
@@ -257,7 +316,7 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
         q.stride(0), q.stride(1),
         lo.stride(0), lo.stride(1), (hi.data_ptr() - lo.data_ptr()) // lo.element_size(), lo.stride(2),
         block_tables.stride(0), s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1),
-        max_pages, page_size, scale,
+        max_pages, page_size, scale, float(spread),
         GROUP=g, PPB=ppb, ROWS=max(16, next_pow2(g)), BLOCK_P=block_p, HEAD_DIM=d, COMPUTE=compute,
         DOT_PRECISION=precision, num_warps=4,
     )
@@ -314,6 +373,9 @@ def select_top_pages(
     scale: float,
     k: int,
     per_query_head: bool = False,
+    sink_pages: int = 0,
+    recent_pages: int = 1,
+    spread_weight: float = 1.0,
 ) -> torch.Tensor:
     """int32 [N, Hkv, k]: the top-k ranked pages of `group_page_scores` per (decode, KV head), best first; ties
     go to the lower page; -1 pads rows with fewer than k ranked pages.
@@ -322,9 +384,14 @@ def select_top_pages(
     bound Σ_d max(q_d lo_d, q_d hi_d) (`sparse.quest.page_scores`; `scale` is not applied: scaling could round
     distinct bounds into ties). The same kernels with every query head as its own group of one.
 
+    sink_pages / recent_pages (Quest): those ranked pages are forced in, listed first (kernels/page_force.py);
+    spread_weight (Quest): scores q·centre + w Σ|q_d| half-range (`sparse.quest.page_scores`; 1 = the bound).
+
     Top-k without a full pass per row: each reduce program sorts its BLOCK_R pages' keys and keeps the best KC
     (next power of two >= k) as candidates; `_top_keys_kernel` rounds then keep the best KC of every BLOCK_T
     candidates until one block remains, and decode the first k. The shapes fix the rounds: no host sync.
+    per_query_head rows of up to BISECT_MAX_PAGES pages take `_bisect_top_pages_kernel` instead (same pages,
+    same order; no sort of the row).
     """
     n, h, hkv = q.shape[0], q.shape[1], lo.shape[2]
     if k < 1 or k > 4096:
@@ -337,7 +404,16 @@ def select_top_pages(
     block_r = max(64 if interpreting() else 1024, 2 * kc)
     block_t = max(16 if interpreting() else 4096, 2 * kc)
     s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages,
-                                       1.0 if per_query_head else scale)
+                                       1.0 if per_query_head else scale, spread_weight)
+    if sink_pages or recent_pages > 1:  # Quest's forced pages: +inf scores, listed first (kernels/page_force.py)
+        force_pages_(s, seq_lens, page_size, sink_pages, recent_pages)
+    if per_query_head and next_pow2(max_pages) <= BISECT_MAX_PAGES:
+        block = max(2, next_pow2(max_pages))
+        _bisect_top_pages_kernel[(n, lists)](
+            s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), page_size, k,
+            BLOCK=block, KP=max(2, next_pow2(k)), num_warps=_bisect_warps(block),
+        )
+        return pages
     meta = _reduce_args(s, m_part, l_part, lists)
     chunks = triton.cdiv(max_pages, block_r)
     n_cand = chunks * kc

@@ -115,6 +115,23 @@ def with_dense_last_query_block(block_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def with_local_window(block_mask: torch.Tensor, first_block: int, window: int, block_size: int) -> torch.Tensor:
+    """[B, H, nqb, nkb] block mask whose query blocks start at absolute block first_block -> also keep, for each
+    query block m, the causal key blocks holding the `window` positions before its first row, so that every
+    row sees at least its last `window` keys (a diagonal block alone leaves a block's first rows without the
+    tokens just before them)."""
+    if window < 0:
+        raise ValueError(f"local_window must be >= 0, got {window}")
+    if window == 0:
+        return block_mask
+    dev = block_mask.device
+    qb = first_block + torch.arange(block_mask.shape[-2], device=dev)
+    lo = (qb * block_size - window).clamp(min=0) // block_size
+    kb = torch.arange(block_mask.shape[-1], device=dev)
+    band = (kb[None, :] >= lo[:, None]) & (kb[None, :] <= qb[:, None])
+    return block_mask | band
+
+
 def selection_from_masks(
     block_mask: torch.Tensor,
     block_size: int,

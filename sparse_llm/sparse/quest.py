@@ -3,7 +3,8 @@
 Each page of `page_size` keys keeps its channel-wise key minimum and maximum. For a decode query q,
     score(page) = sum_d max(q_d * min_d, q_d * max_d)
 upper-bounds q·k for every key k of the page. Each query head attends its top token_budget // page_size
-pages; the page holding the current token is always kept; a sequence with no more pages than the
+pages; the page holding the current token is always kept (and optionally the first `sink_pages` and last
+`recent_pages` pages, inside the budget); a sequence with no more pages than the
 budget attends everything. Page statistics are per KV head; scores are per query head.
 """
 from __future__ import annotations
@@ -30,11 +31,12 @@ def page_minmax(k: torch.Tensor, page_size: int, kv_len: int | None = None) -> t
     return lo.view(shape).amin(-3), hi.view(shape).amax(-3)
 
 
-def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, spread_weight: float = 1.0) -> torch.Tensor:
     """q [N, H, D], kmin/kmax [N, P, Hkv, D] -> float32 [N, H, P]: sum_d max(q_d min_d, q_d max_d).
 
     Since min <= max, max(q_d min_d, q_d max_d) = max(q_d, 0) max_d + min(q_d, 0) min_d: two batched
-    matmuls, with no [N, H, P, D] temporary."""
+    matmuls, with no [N, H, P, D] temporary. That is q·centre + Σ_d |q_d| half-range_d; spread_weight w < 1
+    scores q·centre + w Σ_d |q_d| half-range_d = ½(q + w|q|)·max + ½(q − w|q|)·min instead (w = 1: the bound)."""
     n, h, d = q.shape
     hkv = kmin.shape[2]
     g = h // hkv
@@ -42,7 +44,10 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torc
     qf = q.to(cd).view(n, hkv, g, d)
     lo = kmin.to(cd).permute(0, 2, 3, 1)  # [N, Hkv, D, P]
     hi = kmax.to(cd).permute(0, 2, 3, 1)
-    return (qf.clamp(min=0) @ hi + qf.clamp(max=0) @ lo).view(n, h, -1)
+    if spread_weight == 1.0:
+        return (qf.clamp(min=0) @ hi + qf.clamp(max=0) @ lo).view(n, h, -1)
+    qa = spread_weight * qf.abs()
+    return (0.5 * (qf + qa) @ hi + 0.5 * (qf - qa) @ lo).view(n, h, -1)
 
 
 def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, budget_pages: int) -> torch.Tensor:
@@ -62,12 +67,14 @@ def select_pages(scores: torch.Tensor, n_pages: torch.Tensor, budget_pages: int)
     return (mask & valid) | (valid & (npg <= budget_pages))
 
 
-def mask_scores(scores: torch.Tensor, n_pages: torch.Tensor) -> torch.Tensor:
-    """-inf on pages past each sequence's end, +inf on its current (last) page."""
+def mask_scores(scores: torch.Tensor, n_pages: torch.Tensor, sink_pages: int = 0, recent_pages: int = 1) -> torch.Tensor:
+    """-inf on pages past each sequence's end; +inf (always kept) on its first `sink_pages` pages (the attention
+    sink) and its last `recent_pages` pages (the current page and the ones before it)."""
     pages = torch.arange(scores.shape[-1], device=scores.device)[None, None, :]
     npg = n_pages.to(scores.device).long()[:, None, None]
     s = scores.masked_fill(pages >= npg, float("-inf"))
-    return torch.where(pages == npg - 1, torch.full_like(s, float("inf")), s)
+    forced = ((pages < sink_pages) | (pages >= npg - max(recent_pages, 1))) & (pages < npg)
+    return torch.where(forced, torch.full_like(s, float("inf")), s)
 
 
 def quest_topk(masked: torch.Tensor, budget_pages: int, page_size: int) -> BlockSelection:
@@ -86,6 +93,8 @@ def quest_topk(masked: torch.Tensor, budget_pages: int, page_size: int) -> Block
     return BlockSelection(page_size, h, offsets, top.reshape(-1))
 
 
-def quest_selection(scores: torch.Tensor, n_pages: torch.Tensor, budget_pages: int, page_size: int) -> BlockSelection:
-    """The pages of `select_pages` as a fixed-width CSR selection (see quest_topk)."""
-    return quest_topk(mask_scores(scores, n_pages), budget_pages, page_size)
+def quest_selection(scores: torch.Tensor, n_pages: torch.Tensor, budget_pages: int, page_size: int,
+                    sink_pages: int = 0, recent_pages: int = 1) -> BlockSelection:
+    """The pages of `select_pages` as a fixed-width CSR selection (see quest_topk); the first sink_pages and last
+    recent_pages pages are forced in (mask_scores) and count against budget_pages."""
+    return quest_topk(mask_scores(scores, n_pages, sink_pages, recent_pages), budget_pages, page_size)
