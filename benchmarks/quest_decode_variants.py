@@ -61,7 +61,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from sparse_decode import BLOCK, dense_sdpa_us, make_cache, minmax_views  # noqa: E402
+from sparse_decode import BLOCK, dense_sdpa_us, graph_us, make_cache, minmax_views  # noqa: E402
 
 from sparse_llm.backends.page_select import page_sparse_step  # noqa: E402
 from sparse_llm.kernels.decode import paged_decode  # noqa: E402
@@ -646,22 +646,6 @@ def step_table(smoke: bool, best_cfg=None, best_warps=8) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def graph_us(fn, device, rep_ms) -> float:
-    """Median µs of fn replayed from a CUDA graph (one eager run first compiles); CPU: one eager run."""
-    if device.type != "cuda":
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    us = 1e3 * float(triton.testing.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median"))
-    del graph
-    return us
-
-
 def time_case(n, b, args, device, dtype, verdict) -> dict:
     case = Case([n] * b, args.heads, args.kv_heads, args.head_dim, args.page, args.budget // args.page - 1, dtype,
                 device, seed=3)
