@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_llm.kernels.block_table import tile_block_entries
 from sparse_llm.kernels.geometry import DECODE_BLOCK_N, cdiv, check_head_dim, decode_split_tiles, next_pow2, num_sms
 from sparse_llm.kernels.tuning import autotune_configs
 
@@ -37,14 +38,6 @@ _CONFIGS = autotune_configs(
     + [triton.Config({}, num_warps=4, num_stages=s, maxnreg=128) for s in (2, 3)],
     triton.Config({}, num_warps=4, num_stages=1),
 )
-
-
-@triton.jit
-def _tile_pages(bt_row, t, lim, offs_n, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """Block-table entries of tile t's keys below `lim` (kv_len, or 0 for none; 0 where masked). The mask is
-    `index < scalar limit`: `vector & scalar-bool` fails in the interpreter."""
-    kv_idx = t * BLOCK_N + offs_n
-    return tl.load(bt_row + kv_idx // PAGE_SIZE, mask=kv_idx < lim, other=0)
 
 
 @triton.autotune(
@@ -102,15 +95,16 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     n_skip = tl.zeros([], tl.int32)
     if IS_SKIP:  # carried block-table entries (docs/kernels.md, "Prefetch distance"): tile t_lo's now
-        page_next = _tile_pages(bt_row, t_lo, kv_len, offs_n, BLOCK_N, PAGE_SIZE)
+        page_next = tile_block_entries(bt_row, t_lo * BLOCK_N, offs_n, kv_len, PAGE_SIZE, BLOCK_N)
     for t in range(t_lo, t_hi):
         kv_idx = t * BLOCK_N + offs_n
         kv_ok = kv_idx < kv_len
         if IS_SKIP:  # this tile's entries were loaded one iteration ago; load the next tile's now
             page = page_next
-            page_next = _tile_pages(bt_row, t + 1, tl.where(t + 1 < t_hi, kv_len, 0), offs_n, BLOCK_N, PAGE_SIZE)
+            page_next = tile_block_entries(bt_row, (t + 1) * BLOCK_N, offs_n, tl.where(t + 1 < t_hi, kv_len, 0),
+                                           PAGE_SIZE, BLOCK_N)
         else:
-            page = _tile_pages(bt_row, t, kv_len, offs_n, BLOCK_N, PAGE_SIZE)
+            page = tile_block_entries(bt_row, t * BLOCK_N, offs_n, kv_len, PAGE_SIZE, BLOCK_N)
         kv_off = page.to(tl.int64) * stride_cb + (kv_idx % PAGE_SIZE) * stride_cp
         k_ptrs = k_base + kv_off[:, None] + offs_d[None, :]
         k = tl.load(k_ptrs, mask=kv_ok[:, None], other=0.0)

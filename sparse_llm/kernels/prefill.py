@@ -15,7 +15,7 @@ before the middle tiles are judged (when tile 0 is itself diagonal, just the dia
 order as two loops: tile 0 and the diagonal tiles in one masked loop (the causal mask is a no-op on tile 0),
 then the rest, whose loop carries the next tile's block-table entries in registers (CARRY_PAGES, below).
 When the page size is a multiple of BLOCK_N a key tile lies in one page: one block-table entry per tile and
-consecutive rows from one offset (`_tile_pages`), +10-12% dense TFLOP/s on the H100 at page 128 vs 16.
+consecutive rows from one offset (`block_table.tile_block_entries`), +10-12% dense TFLOP/s on the H100 at page 128 vs 16.
 
 Skip-softmax (IS_SKIP, a constexpr: the dense build contains none of it): after QK^T of a tile,
     skip  <=>  max over valid rows r of (tile_rowmax_r - m_r)  <  log2(λ)
@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparse_llm.kernels.block_table import tile_block_entries
 from sparse_llm.kernels.geometry import (
     PREFILL_BLOCK_M,
     PREFILL_BLOCK_N,
@@ -146,18 +147,6 @@ def _bound_skips(
 
 
 @triton.jit
-def _tile_pages(bt_row, start_n, offs_n, valid, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Block-table entries of the key tile at start_n (0 where not `valid`): a single entry when the page
-    size is a multiple of BLOCK_N (the tile lies in one page), else one per key."""
-    if PAGE_SIZE % BLOCK_N == 0:
-        entries = tl.load(bt_row + start_n // PAGE_SIZE, mask=valid, other=0)
-    else:
-        kv_idx = start_n + offs_n
-        entries = tl.load(bt_row + kv_idx // PAGE_SIZE, mask=(offs_n >= 0) & valid, other=0)
-    return entries
-
-
-@triton.jit
 def _kv_tiles(
     acc, l_i, m_i, n_skip, n_pre, q, q_plus, q_minus, q_pos, row_valid, log2_lam,
     k_base, b_base, bt_row, stride_cb, stride_ckv, stride_cp, stride_bb, stride_bmm, kv_len, lo, hi, qk_scale,
@@ -178,7 +167,7 @@ def _kv_tiles(
             first = hi - BLOCK_N
         else:
             first = lo
-        page_next = _tile_pages(bt_row, first, offs_n, lo < hi, PAGE_SIZE, BLOCK_N)
+        page_next = tile_block_entries(bt_row, first, offs_n, tl.where(lo < hi, kv_len, 0), PAGE_SIZE, BLOCK_N)
     for i in range(lo, hi, BLOCK_N):
         if DESCENDING:
             start_n = lo + hi - BLOCK_N - i
@@ -200,10 +189,11 @@ def _kv_tiles(
                 nxt = start_n - BLOCK_N
             else:
                 nxt = start_n + BLOCK_N
-            page_next = _tile_pages(bt_row, nxt, offs_n, i + BLOCK_N < hi, PAGE_SIZE, BLOCK_N)
+            page_next = tile_block_entries(bt_row, nxt, offs_n, tl.where(i + BLOCK_N < hi, kv_len, 0), PAGE_SIZE,
+                                           BLOCK_N)
         else:
             kv_ok = kv_idx >= 0
-            page = _tile_pages(bt_row, start_n, offs_n, True, PAGE_SIZE, BLOCK_N)
+            page = tile_block_entries(bt_row, start_n, offs_n, kv_len, PAGE_SIZE, BLOCK_N)
         if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one row offset, the rows consecutive
             kv_off = page.to(tl.int64) * stride_cb + (start_n % PAGE_SIZE + offs_n) * stride_cp
         else:
