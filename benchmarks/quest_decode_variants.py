@@ -275,15 +275,15 @@ def topk_bisect(s, lens, page_size, max_pages, k, out, warps=8, sorted_=False):
 
 
 def topk_lib_sort(s, lens, page_size, max_pages, k, out, dummy_parts):
-    """The tail of `select_top_pages(per_query_head=True)` on given scores S (its RAW reduce reads the softmax
-    partials but does not use them: zeros of the right shape stand in)."""
+    """The tail of `select_top_pages(per_query_head=True)` on given scores S (its RAW reduce reads no softmax
+    partials: the given tensors only hold their place)."""
     n, lists = s.shape[:2]
     m_part, l_part = dummy_parts
     interp = INTERPRET
     kc = next_pow2(k)
     block_r = max(64 if interp else 1024, 2 * kc)
     block_t = max(16 if interp else 4096, 2 * kc)
-    meta = _reduce_args(s, m_part, l_part, lists)
+    meta = _reduce_args(s, lists)
     chunks = triton.cdiv(max_pages, block_r)
     n_cand = chunks * kc
     cand = torch.empty(n * lists, n_cand, dtype=torch.int64, device=s.device)

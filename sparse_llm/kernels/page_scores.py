@@ -62,11 +62,12 @@ def _scores_kernel(
     stride_bt, stride_sn, stride_sh, stride_pn, stride_ph,
     max_pages, page_size, scale, spread,
     GROUP: tl.constexpr, PPB: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTIALS: tl.constexpr,
 ):
     # grid = (num_decodes, num_kv_heads, programs per row); program z scores chunks z, z + grid[2], ... of
     # BLOCK_P pages, stopping at the sequence's last chunk with a ranked page (`live` chunks): chunks past it
     # cost nothing, and neither their S entries nor their partials are written (the reduce never reads them).
+    # PARTIALS: also the chunk's softmax partials, which only the group-reduced (softmax) scores read.
     n = tl.program_id(0)
     kvh = tl.program_id(1)
     rows = tl.arange(0, ROWS)
@@ -95,12 +96,12 @@ def _scores_kernel(
         s = tl.dot(q_neg, tl.trans(lo), s, input_precision=DOT_PRECISION)  # [ROWS, BLOCK_P]
         s = tl.where(other[None, :], s * scale, float("-inf"))
         tl.store(s_row + pages[None, :], s, mask=row_ok[:, None] & (pages < max_pages)[None, :])
-        # Softmax partials of this chunk.
-        m = tl.max(s, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l = tl.sum(tl.exp(s - m_safe[:, None]), 1)
-        tl.store(M_PART + part + chunk, m, mask=row_ok)
-        tl.store(L_PART + part + chunk, l, mask=row_ok)
+        if PARTIALS:  # softmax partials of this chunk
+            m = tl.max(s, 1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            l = tl.sum(tl.exp(s - m_safe[:, None]), 1)
+            tl.store(M_PART + part + chunk, m, mask=row_ok)
+            tl.store(L_PART + part + chunk, l, mask=row_ok)
 
 
 @triton.jit
@@ -135,15 +136,16 @@ def _group_reduce_kernel(
     lpart = L_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
     m_run = tl.full([ROWS], float("-inf"), tl.float32)
     z_run = tl.zeros([ROWS], tl.float32)
-    for c0 in range(0, live, BLOCK_C):
-        cs = c0 + tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (cs < live)[None, :]
-        m = tl.load(part[:, None] + cs[None, :], mask=ok, other=float("-inf"))
-        l = tl.load(lpart[:, None] + cs[None, :], mask=ok, other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        z_run = z_run * tl.exp(m_run - m_safe) + tl.sum(l * tl.exp(m - m_safe[:, None]), 1)
-        m_run = m_new
+    if not RAW:  # RAW has no partials (M_PART / L_PART are placeholders)
+        for c0 in range(0, live, BLOCK_C):
+            cs = c0 + tl.arange(0, BLOCK_C)
+            ok = row_ok[:, None] & (cs < live)[None, :]
+            m = tl.load(part[:, None] + cs[None, :], mask=ok, other=float("-inf"))
+            l = tl.load(lpart[:, None] + cs[None, :], mask=ok, other=0.0)
+            m_new = tl.maximum(m_run, tl.max(m, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            z_run = z_run * tl.exp(m_run - m_safe) + tl.sum(l * tl.exp(m - m_safe[:, None]), 1)
+            m_run = m_new
     m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
     inv_z = tl.where(z_run > 0, 1.0 / z_run, 0.0)
     offs = tl.arange(0, BLOCK_P)
@@ -292,8 +294,9 @@ def _programs_per_row(chunks: int, rows: int) -> int:
     return max(1, min(chunks, triton.cdiv(PROGRAMS_PER_LAUNCH, max(rows, 1))))
 
 
-def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, spread=1.0):
-    """Kernel 1: per-head scaled bounds S [N, H, max_pages] and their per-chunk softmax partials."""
+def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, spread=1.0, partials=True):
+    """Kernel 1: per-head scaled bounds S [N, H, max_pages] and (partials) their per-chunk softmax partials
+    (else the partials are None: raw per-query-head ranking has no softmax)."""
     n, h, d = q.shape
     nb, ppb, hkv, d2 = lo.shape
     if d2 != d or hi.shape != lo.shape or lo.stride() != hi.stride():
@@ -308,7 +311,7 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
     block_p = _score_block()
     chunks = triton.cdiv(max_pages, block_p)
     s = torch.empty(n, h, max_pages, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(n, h, chunks, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(n, h, chunks if partials else 0, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     compute, precision = _compute_dtype(lo)
     _scores_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
@@ -318,14 +321,14 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
         block_tables.stride(0), s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1),
         max_pages, page_size, scale, float(spread),
         GROUP=g, PPB=ppb, ROWS=max(16, next_pow2(g)), BLOCK_P=block_p, HEAD_DIM=d, COMPUTE=compute,
-        DOT_PRECISION=precision, num_warps=4,
+        DOT_PRECISION=precision, PARTIALS=partials, num_warps=4,
     )
-    return s, m_part, l_part
+    return (s, m_part, l_part) if partials else (s, None, None)
 
 
-def _reduce_args(s, m_part, l_part, hkv):
+def _reduce_args(s, hkv):
     g = s.shape[1] // hkv
-    chunks = m_part.shape[2]
+    chunks = triton.cdiv(s.shape[2], _score_block())  # the partials' chunks
     return dict(GROUP=g, ROWS=max(2, next_pow2(g)), BLOCK_C=min(64, max(2, next_pow2(chunks))),
                 SCORE_BLOCK=_score_block())
 
@@ -351,7 +354,7 @@ def group_page_scores(
     if n == 0 or max_pages == 0:
         return out
     s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale)
-    meta = _reduce_args(s, m_part, l_part, hkv)
+    meta = _reduce_args(s, hkv)
     block_p = _score_block()
     chunks = triton.cdiv(max_pages, block_p)
     _group_reduce_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
@@ -404,7 +407,7 @@ def select_top_pages(
     block_r = max(64 if interpreting() else 1024, 2 * kc)
     block_t = max(16 if interpreting() else 4096, 2 * kc)
     s, m_part, l_part = _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages,
-                                       1.0 if per_query_head else scale, spread_weight)
+                                       1.0 if per_query_head else scale, spread_weight, partials=not per_query_head)
     if sink_pages or recent_pages > 1:  # Quest's forced pages: +inf scores, listed first (kernels/page_force.py)
         force_pages_(s, seq_lens, page_size, sink_pages, recent_pages)
     if per_query_head and next_pow2(max_pages) <= BISECT_MAX_PAGES:
@@ -414,7 +417,9 @@ def select_top_pages(
             BLOCK=block, KP=max(2, next_pow2(k)), num_warps=_bisect_warps(block),
         )
         return pages
-    meta = _reduce_args(s, m_part, l_part, lists)
+    meta = _reduce_args(s, lists)
+    if per_query_head:  # RAW: the reduce reads no partials; any tensor holds their place
+        m_part = l_part = s
     chunks = triton.cdiv(max_pages, block_r)
     n_cand = chunks * kc
     cand = torch.empty(n * lists, n_cand, dtype=torch.int64, device=q.device)
