@@ -132,6 +132,16 @@ def test_other_algorithms_lower():
     assert resolve(None, {}, DOC_CHECKPOINT, specs()) == [None] * 4
 
 
+@pytest.mark.parametrize("algorithm", ["xattention", "flexprefill", "quest"])
+def test_dense_layers_keep_the_first_layers_dense(algorithm):
+    params = resolve({"algorithm": algorithm, "dense_layers": 2}, {}, None, specs(n=4))
+    assert params[:2] == [None, None] and all(p is not None and p.algorithm == algorithm for p in params[2:])
+    default = resolve({"algorithm": algorithm}, {}, None, specs(n=4))
+    assert sum(p is None for p in default) == (2 if algorithm == "quest" else 0)  # Quest's paper default: 2
+    with pytest.raises(ValueError, match="dense_layers"):
+        resolve({"algorithm": algorithm, "dense_layers": -1}, {}, None, specs(n=4))
+
+
 def test_request_override():
     server = SkipSoftmaxAttentionConfig(target_sparsity=0.5)
     meta = DOC_CHECKPOINT["sparse_attention_config"]

@@ -104,6 +104,13 @@ _LOCAL_WINDOW = Field(
     "the previous block is not selected -- on SmolLM2 that corrupts the needle's keys and values (docs/algorithms.md). "
     "0 = off; block_size = the previous block, about one block per query block of extra work.",
 )
+_DENSE_LAYERS_PREFILL = Field(
+    0,
+    ge=0,
+    description="Not in the paper. The first this-many layers run dense (Quest keeps its first 2 dense): a sparse "
+    "prefill's errors in the lowest layers reach every later layer through the prompt's keys and values. 0 = every "
+    "layer sparse.",
+)
 _DENSE_LAST_BLOCK = Field(
     False,
     description="Not in the paper. Give the last query block of each prefill chunk every causal key block. The prompt's "
@@ -130,6 +137,7 @@ class XAttentionConfig(BaseSparseAttentionConfig):
     seq_len_threshold: int | None = _SEQ_THRESHOLD
     dense_last_block: bool = _DENSE_LAST_BLOCK
     local_window: int = _LOCAL_WINDOW
+    dense_layers: int = _DENSE_LAYERS_PREFILL
 
     @field_validator("threshold")
     @classmethod
@@ -167,6 +175,7 @@ class FlexPrefillConfig(BaseSparseAttentionConfig):
     seq_len_threshold: int | None = _SEQ_THRESHOLD
     dense_last_block: bool = _DENSE_LAST_BLOCK
     local_window: int = _LOCAL_WINDOW
+    dense_layers: int = _DENSE_LAYERS_PREFILL
 
     @model_validator(mode="after")
     def _budgets(self) -> "FlexPrefillConfig":
@@ -322,7 +331,6 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
 
 
 def dense_layer_indices(cfg: BaseSparseAttentionConfig, layer_indices: list[int]) -> set[int]:
-    """Layers that stay dense by the algorithm's own rule (Quest: the first dense_layers layers)."""
-    if isinstance(cfg, QuestConfig):
-        return set(sorted(layer_indices)[: cfg.dense_layers])
-    return set()
+    """Layers that stay dense by the algorithm's own rule: the first `dense_layers` layers (Quest, and
+    XAttention / FlexPrefill when asked)."""
+    return set(sorted(layer_indices)[: getattr(cfg, "dense_layers", 0)])
