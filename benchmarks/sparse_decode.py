@@ -108,8 +108,8 @@ def algorithms(args):
     quest_k = args.quest_budget // args.quest_page - 1
     every = {
         "rocket": (args.rocket_page, torch.float8_e5m2, args.rocket_topk, args.head_dim, False),
-        "quest_kv_head": (args.quest_page, torch.bfloat16, quest_k, args.head_dim, False),
-        "quest_query_head": (args.quest_page, torch.bfloat16, quest_k, args.head_dim, True),
+        "quest_kv_head": (args.quest_page, getattr(torch, args.quest_minmax_dtype), quest_k, args.head_dim, False),
+        "quest_query_head": (args.quest_page, getattr(torch, args.quest_minmax_dtype), quest_k, args.head_dim, True),
     }
     return {name: every[name] for name in ALGORITHMS if name in args.algorithms}
 
@@ -196,9 +196,11 @@ def bench_one(n, b, args, device, dtype, planner) -> dict:
         lo, hi = minmax_views(cache, ps, mm_dtype)
         max_pages = -(-n // ps)
 
+        quest = {} if name == "rocket" else {"sink_pages": args.quest_sink_pages, "spread_weight": args.quest_spread}
+
         def step():
             return page_sparse_step(q, cache, lo, hi, tables, seq_lens, ps, max_pages, topr, k, scale, out=out,  # noqa: B023
-                                    per_query_head=per_head)  # noqa: B023
+                                    per_query_head=per_head, **quest)  # noqa: B023
 
         _, pages = step()
         lists = pages.shape[1]  # KV heads, or query heads (per_head)
@@ -209,7 +211,7 @@ def bench_one(n, b, args, device, dtype, planner) -> dict:
             # Fraction of KV tokens not attended, summed over query heads (The Sparse Frontier's decode sparsity).
             "page_sparsity": 1 - attended / (b * lists * max_pages),
             "step_us": graph_us(step, device, args.reps),
-            "select_us": graph_us(lambda: select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, scale, k, per_head), device, args.reps),  # noqa: B023,E501
+            "select_us": graph_us(lambda: select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, scale, k, per_head, **quest), device, args.reps),  # noqa: B023,E501
             "attention_us": graph_us(lambda: page_sparse_decode(q, cache, pages, tables, seq_lens, ps, scale, out=out), device, args.reps),  # noqa: B023,E501
         }
         if not per_head:
@@ -339,6 +341,10 @@ def parse_args(argv=None):
     ap.add_argument("--decode-tokens", type=int, default=64, help="rocket defaults case: tokens decoded after compaction")
     ap.add_argument("--quest-budget", type=int, default=2048)
     ap.add_argument("--quest-page", type=int, default=16)
+    ap.add_argument("--quest-minmax-dtype", default="bfloat16", choices=["bfloat16", "float8_e5m2"],
+                    help="Quest's min/max cache storage (QuestConfig.minmax_cache_dtype)")
+    ap.add_argument("--quest-sink-pages", type=int, default=0, help="timed step: QuestConfig.sink_pages")
+    ap.add_argument("--quest-spread", type=float, default=1.0, help="timed step: QuestConfig.spread_weight")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
                     help="sparse steps to time (rocket also times its defaults case)")
@@ -375,7 +381,9 @@ def main(argv=None) -> int:
                   "dtype": str(dtype).replace("torch.", ""), "kv_block": BLOCK},
         "config": {"rocket_topk": args.rocket_topk, "rocket_page": args.rocket_page, "rocket_topr": args.head_dim,
                    "rocket_prompt_budget": args.prompt_budget, "rocket_decode_tokens": args.decode_tokens,
-                   "quest_budget": args.quest_budget, "quest_page": args.quest_page, "algorithms": args.algorithms},
+                   "quest_budget": args.quest_budget, "quest_page": args.quest_page,
+                   "quest_minmax_dtype": args.quest_minmax_dtype, "quest_sink_pages": args.quest_sink_pages,
+                   "quest_spread": args.quest_spread, "algorithms": args.algorithms},
     }
     result["correctness"] = check_correctness(args, device, dtype)
     print("correctness:", json.dumps(result["correctness"]), flush=True)

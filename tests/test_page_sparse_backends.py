@@ -75,8 +75,10 @@ def test_triton_rocket_decode_matches_torch(page_size, block_size, topr, topk, k
 def quest_step(cls, batch, params, block_size, layer=LAYER):
     backend = cls(layer, params)
     specs = {s.name: s for s in backend.cache_spec(block_size, torch.float32)}
-    cache = {"kv": batch.cache["kv"].clone(),
-             MINMAX: torch.full((batch.cache["kv"].shape[0], *specs[MINMAX].block_shape), float("nan"))}
+    shape = (batch.cache["kv"].shape[0], *specs[MINMAX].block_shape)
+    cache = {"kv": batch.cache["kv"].clone(),  # float32 min/max (NaN: never written), or the config's storage type
+             MINMAX: torch.full(shape, float("nan")) if specs[MINMAX].dtype == torch.float32
+             else torch.zeros(shape, dtype=specs[MINMAX].dtype)}
     backend.update_cache(cache, prefix_meta(batch, block_size))
     meta = batch.meta
     meta.seq_stats = torch.zeros(meta.num_seqs, 2, dtype=torch.int64)

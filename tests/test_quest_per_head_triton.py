@@ -20,6 +20,7 @@ from sparse_llm.backends.quest import (
     QuestGroupTritonBackend,
     QuestTorchBackend,
     QuestTritonBackend,
+    update_page_minmax,
 )
 from sparse_llm.backends.registry import create_backends
 from sparse_llm.configs.resolve import resolve
@@ -148,6 +149,33 @@ def test_triton_backend_matches_torch_per_head(page_size, block_size, h, hkv, bu
     (ref, ref_stats, _), (out, stats, backend) = runs
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(stats, ref_stats) and stats[0, 1] > 0 and backend.stats.sparsity("decode") > 0.3
+
+
+@pytest.mark.parametrize("selection", ["per_query_head", "per_kv_head"])
+def test_fp8_minmax_cache_triton_matches_torch(selection):
+    """minmax_cache_dtype float8_e5m2: the cache holds the exact page min/max rounded to nearest, and the Triton
+    step (fp16 scoring dots on the e5m2 values) attends the torch reference's pages."""
+    h, hkv, page_size, block_size = 9, 3, 8, 16
+    batch = random_paged_batch([1] * 3, [301, 40, 190], 0, h, hkv, D, block_size, seed=5, sink_logit=2.0)
+    params = QuestParams("quest", token_budget=40, page_size=page_size, selection=selection, sink_pages=1,
+                         spread_weight=0.25, minmax_cache_dtype="float8_e5m2")
+    layer = LayerSpec(0, h, hkv, D, SCALE, "model.layers.0.self_attn")
+    torch_cls, triton_cls = ((QuestTorchBackend, QuestTritonBackend) if selection == "per_query_head"
+                             else (QuestGroupTorchBackend, QuestGroupTritonBackend))
+    (ref, ref_stats, ref_backend), (out, stats, _) = [quest_step(c, batch, params, block_size, layer)
+                                                      for c in (torch_cls, triton_cls)]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(stats, ref_stats) and stats[0, 1] > 0
+    spec = {s.name: s for s in ref_backend.cache_spec(block_size, torch.float32)}[MINMAX]
+    assert spec.dtype == torch.float8_e5m2 and spec.bytes_per_block() * 4 == spec.block_shape[0] * 2 * hkv * D * 4
+    # The rounding: the e5m2 cache of sequence 0's first block = its keys' exact page min/max, rounded.
+    kv = batch.cache["kv"]
+    mm = torch.zeros(kv.shape[0], block_size // page_size, 2, hkv, D, dtype=torch.float8_e5m2)
+    slots = batch.meta.block_tables[0, 0].long() * block_size + torch.arange(block_size)
+    update_page_minmax(kv, mm, slots, page_size, dedupe=True)
+    keys = kv[batch.meta.block_tables[0, 0].long(), 0].view(block_size // page_size, page_size, hkv, D)
+    exact = torch.stack([keys.amin(1), keys.amax(1)], 1).to(torch.float8_e5m2)
+    assert torch.equal(mm[batch.meta.block_tables[0, 0].long()].view(torch.uint8), exact.view(torch.uint8))
 
 
 def test_selection_switch_end_to_end():

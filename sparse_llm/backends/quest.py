@@ -56,6 +56,8 @@ def update_page_minmax(cache_kv: torch.Tensor, minmax: torch.Tensor, slot_mappin
     lo = torch.where(valid, keys, float("inf")).amin(1)
     hi = torch.where(valid, keys, float("-inf")).amax(1)
     new = torch.stack([lo, hi], dim=1).to(minmax.dtype)  # [n, 2, Hkv, D]
+    if minmax.dtype == torch.float8_e5m2:  # index_put / where on the bits: fp8 kernels for them are not everywhere
+        minmax, new = minmax.view(torch.uint8), new.view(torch.uint8)
     if dedupe:
         minmax[blk, sub] = new
     else:
@@ -91,7 +93,8 @@ class QuestTorchBackend(BlockSparseBackend):
                 f"(set kv_cache_config.block_size to a multiple of {ps}, or a smaller page_size)"
             )
         specs = super().cache_spec(block_size, dtype)
-        specs.append(CacheSpec(MINMAX, (block_size // ps, 2, self.layer.num_kv_heads, self.layer.head_dim), dtype))
+        mm_dtype = dtype if self.params.minmax_cache_dtype == "auto" else getattr(torch, self.params.minmax_cache_dtype)
+        specs.append(CacheSpec(MINMAX, (block_size // ps, 2, self.layer.num_kv_heads, self.layer.head_dim), mm_dtype))
         return specs
 
     def update_cache(self, cache, meta):

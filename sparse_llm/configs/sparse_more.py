@@ -70,6 +70,7 @@ class QuestParams(LayerSparseParams):
     sink_pages: int = 0
     recent_pages: int = 1
     spread_weight: float = 1.0
+    minmax_cache_dtype: str = "auto"
 
     @property
     def registry_key(self) -> str:
@@ -233,6 +234,10 @@ class QuestConfig(BaseSparseAttentionConfig):
         1.0, ge=0.0, le=1.0, description="Page score q·centre + spread_weight Σ_d |q_d| half-range_d of the page's keys: "
         "1 = Quest's upper bound Σ_d max(q_d min_d, q_d max_d); < 1 discounts the in-page spread of channels whose "
         "keys vary widely inside a page (SmolLM2's low RoPE frequencies), which lets mixed pages outrank the needle.")
+    minmax_cache_dtype: Literal["auto", "float8_e5m2"] = Field(
+        "auto", description="Storage type of the per-page key min/max cache: auto = the KV cache dtype; float8_e5m2 "
+        "halves the bytes every decode step's page scoring reads (rounded to nearest, as RocketKV's KT cache: the "
+        "score is then approximate, not a strict bound).")
 
     @model_validator(mode="after")
     def _pages(self) -> "QuestConfig":
@@ -322,7 +327,8 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
                                    seq_len_threshold=cfg.seq_len_threshold)
     if isinstance(cfg, QuestConfig):
         return QuestParams("quest", token_budget=cfg.token_budget, page_size=cfg.page_size, selection=cfg.selection,
-                           sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, spread_weight=cfg.spread_weight)
+                           sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, spread_weight=cfg.spread_weight,
+                           minmax_cache_dtype=cfg.minmax_cache_dtype)
     if isinstance(cfg, SnapKVConfig):  # AdaSnapKVConfig included
         return SnapKVParams(cfg.algorithm, window_size=cfg.window_size, kernel_size=cfg.kernel_size, pooling=cfg.pooling,
                             prompt_budget=cfg.prompt_budget, seq_len_threshold=cfg.seq_len_threshold,
