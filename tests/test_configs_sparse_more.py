@@ -36,11 +36,13 @@ def test_yaml_bodies_parse_and_lower():
     with pytest.raises(ValueError, match="one per query head \\(9\\)"):
         lower_more(cfg, num_heads=9)
     cfg = union.validate_python({"algorithm": "flexprefill"})
-    assert lower_more(cfg, 9) == FlexPrefillParams("flexprefill", gamma=0.9, tau=0.1, min_budget=1024, block_size=128)
+    assert lower_more(cfg, 9) == FlexPrefillParams("flexprefill", gamma=0.9, tau=0.1, min_budget=1024, block_size=128,
+                                                   local_window=128)
     cfg = union.validate_python({"algorithm": "vertical_slash", "vertical_size": 100, "slash_size": 200})
     assert lower_more(cfg, 9) == VerticalSlashParams("vertical_slash", vertical_size=100, slash_size=200)
     cfg = union.validate_python({"algorithm": "quest", "token_budget": 1024})
-    assert lower_more(cfg, 9) == QuestParams("quest", token_budget=1024, page_size=16)
+    assert lower_more(cfg, 9) == QuestParams("quest", token_budget=1024, page_size=8, sink_pages=1, spread_weight=0.25,
+                                             minmax_cache_dtype="float8_e5m2")
     assert dense_layer_indices(cfg, list(range(30))) == {0, 1}
     assert dense_layer_indices(XAttentionConfig(), list(range(30))) == set()
     for algo, params_cls in (("xattention", XAttentionParams), ("flexprefill", FlexPrefillParams)):
@@ -60,7 +62,7 @@ def test_yaml_bodies_parse_and_lower():
     (VerticalSlashConfig, {"vertical_size": 10, "sink_tokens": 30}, "sink_tokens"),
     (VerticalSlashConfig, {"slash_size": 50}, "local_diagonals"),
     (QuestConfig, {"page_size": 12}, "power of two"),
-    (QuestConfig, {"token_budget": 1000}, "multiple of page_size"),
+    (QuestConfig, {"token_budget": 1001}, "multiple of page_size"),
 ])
 def test_bad_values_name_the_field(cls, kwargs, match):
     with pytest.raises(ValidationError, match=match):

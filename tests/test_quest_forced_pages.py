@@ -159,4 +159,7 @@ def test_config_errors_and_lowering():
     params = resolve(cfg, None, None, specs)
     assert (params[2].sink_pages, params[2].recent_pages, params[2].spread_weight, params[2].page_size) == (1, 4, 0.5, 8)
     default = resolve({"algorithm": "quest"}, None, None, specs)[2]
-    assert (default.sink_pages, default.recent_pages, default.spread_weight) == (0, 1, 1.0)  # the paper's rule
+    assert (default.sink_pages, default.recent_pages, default.spread_weight, default.page_size,
+            default.minmax_cache_dtype) == (1, 1, 0.25, 8, "float8_e5m2")  # measured on SmolLM2 (docs/algorithms.md)
+    paper = {"algorithm": "quest", "page_size": 16, "sink_pages": 0, "spread_weight": 1.0, "minmax_cache_dtype": "auto"}
+    assert resolve(paper, None, None, specs)[2] == QuestParams("quest")  # the paper's rule, as QuestParams' defaults

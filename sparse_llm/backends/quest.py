@@ -111,7 +111,10 @@ class QuestTorchBackend(BlockSparseBackend):
         pages = torch.arange(max_pages, device=q.device)
         tables = meta.block_tables[npf:].long()
         blocks = tables[:, (pages // ppb).clamp(max=tables.shape[1] - 1)]  # [Nd, P]; past the end: masked below
-        mm = minmax[blocks, (pages % ppb)[None, :]]  # [Nd, P, 2, Hkv, D]
+        if minmax.dtype == torch.float8_e5m2:  # gather the bits: fp8 index kernels are not on every device
+            mm = minmax.view(torch.uint8)[blocks, (pages % ppb)[None, :]].view(minmax.dtype).float()
+        else:
+            mm = minmax[blocks, (pages % ppb)[None, :]]  # [Nd, P, 2, Hkv, D]
         n_pages = (meta.seq_lens[npf:].long() + ps - 1) // ps
         w = self.params.spread_weight
         if self.group_selection:
