@@ -52,6 +52,9 @@ FINAL_MID_FACTOR = 8
 # Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
 # its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
 BISECT_MAX_PAGES = 16384
+# Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives).
+SCORE_WARPS = 4
+SCORE_STAGES: int | None = None  # None: Triton's default software pipelining depth
 
 
 @triton.jit
@@ -321,7 +324,8 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
         block_tables.stride(0), s.stride(0), s.stride(1), m_part.stride(0), m_part.stride(1),
         max_pages, page_size, scale, float(spread),
         GROUP=g, PPB=ppb, ROWS=max(16, next_pow2(g)), BLOCK_P=block_p, HEAD_DIM=d, COMPUTE=compute,
-        DOT_PRECISION=precision, PARTIALS=partials, num_warps=4,
+        DOT_PRECISION=precision, PARTIALS=partials, num_warps=SCORE_WARPS,
+        **({} if SCORE_STAGES is None else {"num_stages": SCORE_STAGES}),
     )
     return (s, m_part, l_part) if partials else (s, None, None)
 
