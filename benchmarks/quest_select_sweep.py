@@ -1,5 +1,5 @@
 """Experiment: where Quest's per-query-head page selection spends its time (scores kernel vs forced pages vs
-bisection top-k) at the session-6 defaults (page 8, float8_e5m2 min/max, one sink page, spread_weight 0.25,
+bisection top-k, the latter with 1 or 3 thresholds per round and 8 / 16 / 32 warps) at the session-6 defaults (page 8, float8_e5m2 min/max, one sink page, spread_weight 0.25,
 2K budget), and which launch shape of the scoring kernel is fastest. Not a library change: it sets the
 module constants of kernels/page_scores.py (`_score_block`, SCORE_WARPS, SCORE_STAGES, PROGRAMS_PER_LAUNCH)
 per row, checks the scores against the library's launch first (same values), then times by CUDA-graph replay.
@@ -66,10 +66,11 @@ def main() -> int:
     pages = torch.empty(b, h, k, dtype=torch.int32, device=dev)
     block = max(2, next_pow2(max_pages))
 
-    def bisect():
+    def bisect(arity=page_scores.BISECT_ARITY, warps=page_scores._bisect_warps(block)):
         page_scores._bisect_top_pages_kernel[(b, h)](
             s_forced, seq_lens, pages, s_forced.stride(0), s_forced.stride(1), pages.stride(0), pages.stride(1), ps, k,
-            BLOCK=block, KP=max(2, next_pow2(k)), num_warps=page_scores._bisect_warps(block))
+            BLOCK=block, KP=max(2, next_pow2(k)), ARITY=arity, num_warps=warps)
+        return pages
 
     def select():
         return page_scores.select_top_pages(q, lo, hi, tables, seq_lens, ps, max_pages, 1.0, k, per_query_head=True,
@@ -81,6 +82,13 @@ def main() -> int:
                        "force_us": graph_us(lambda: force_pages_(s_forced.clone(), seq_lens, ps, 1, 1), dev, args.reps),
                        "bisect_us": graph_us(bisect, dev, args.reps)}}
     print(json.dumps(res), flush=True)
+    want = bisect().clone()
+    res["bisect"] = []
+    for arity, warps in itertools.product((2, 4), (4,) if args.cpu_smoke else (8, 16, 32)):
+        same = bool(torch.equal(bisect(arity, warps), want))
+        res["bisect"].append({"arity": arity, "warps": warps, "same_pages": same,
+                              "bisect_us": graph_us(lambda: bisect(arity, warps), dev, args.reps) if same else None})  # noqa: B023
+        print(json.dumps(res["bisect"][-1]), flush=True)
     rows = []
     grid = [(64, 128, 256), (2, 4, 8), (None, 1, 2, 3, 4), (256, 1024, 4096, 1 << 20)]
     if args.cpu_smoke:
@@ -101,6 +109,7 @@ def main() -> int:
     res["sweep"] = rows
     res["best"] = timed[:5]
     print("library:", res["library"])
+    print("bisect:", res["bisect"])
     for r in timed[:8]:
         print(r)
     if args.out:

@@ -52,6 +52,9 @@ FINAL_MID_FACTOR = 8
 # Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
 # its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
 BISECT_MAX_PAGES = 16384
+# Thresholds per bisection round of `_bisect_top_pages_kernel`, plus one: 2 (32 rounds of one count) or 4 (16 rounds
+# of three counts packed in one int64 sum); same pages either way (benchmarks/quest_select_sweep.py times both).
+BISECT_ARITY = 2
 # Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives).
 SCORE_WARPS = 4
 SCORE_STAGES: int | None = None  # None: Triton's default software pipelining depth
@@ -228,7 +231,7 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
 @triton.jit
 def _bisect_top_pages_kernel(
     S, LENS, PAGES, stride_sn, stride_sh, stride_pn, stride_ph, page_size, k,
-    BLOCK: tl.constexpr, KP: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr, ARITY: tl.constexpr,
 ):
     # grid = (num_decodes, num_lists). The row's top-k ranked pages, best first, without sorting the row:
     # o = an int32 image of the fp32 bits that orders like the floats (negative floats' magnitude bits flipped;
@@ -247,11 +250,27 @@ def _bisect_top_pages_kernel(
     k_eff = tl.minimum(n_ranked, k)
     lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
     hi = tl.zeros([], tl.int64) + 2147483647
-    for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
-        mid = lo + (hi - lo + 1) // 2
-        take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    if ARITY == 4:  # three thresholds per round, their counts packed in one int64 sum: 16 rounds, 16 reductions
+        for _ in range(16):  # a quarter (rounded up) of [-2^31 + 1, 2^31 - 1] remains after each round
+            span = hi - lo + 1
+            m1 = tl.minimum(lo + (span + 3) // 4, hi)
+            m2 = tl.minimum(lo + (2 * span + 3) // 4, hi)
+            m3 = tl.minimum(lo + (3 * span + 3) // 4, hi)
+            packed = ((o >= m1.to(tl.int32)).to(tl.int64) + ((o >= m2.to(tl.int32)).to(tl.int64) << 20)
+                      + ((o >= m3.to(tl.int32)).to(tl.int64) << 40))
+            tot = tl.sum(packed, 0)  # each count <= BLOCK <= 2^20
+            t1 = (tot & 1048575) >= k_eff
+            t2 = ((tot >> 20) & 1048575) >= k_eff
+            t3 = (tot >> 40) >= k_eff
+            new_lo = tl.where(t3, m3, tl.where(t2, m2, tl.where(t1, m1, lo)))
+            hi = tl.where(t3, hi, tl.where(t2, m3 - 1, tl.where(t1, m2 - 1, m1 - 1)))
+            lo = new_lo
+    else:
+        for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
+            mid = lo + (hi - lo + 1) // 2
+            take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
     t = lo.to(tl.int32)
     above = o > t
     tie = o == t
@@ -418,7 +437,7 @@ def select_top_pages(
         block = max(2, next_pow2(max_pages))
         _bisect_top_pages_kernel[(n, lists)](
             s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), page_size, k,
-            BLOCK=block, KP=max(2, next_pow2(k)), num_warps=_bisect_warps(block),
+            BLOCK=block, KP=max(2, next_pow2(k)), ARITY=BISECT_ARITY, num_warps=_bisect_warps(block),
         )
         return pages
     meta = _reduce_args(s, lists)
