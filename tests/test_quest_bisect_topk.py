@@ -67,10 +67,7 @@ def run(batch, kt, page_size, max_pages, k, tables=None):
     (16, 16, 4, 1, torch.float16, "negative", 4),  # GQA 4, signed keys
     (8, 8, 6, 2, torch.float16, "ties", 40),      # k above the ranked pages of all rows but the first
 ])
-@pytest.mark.parametrize("arity", [2, 4])  # one threshold per round, or three packed in one sum
-def test_bisect_pages_are_the_reference_pages_best_first(monkeypatch, arity, page_size, block_size, h, hkv, mm_dtype,
-                                                         data, k):
-    monkeypatch.setattr(page_scores_mod, "BISECT_ARITY", arity)
+def test_bisect_pages_are_the_reference_pages_best_first(page_size, block_size, h, hkv, mm_dtype, data, k):
     lens = [603, 37, 9, 1]  # several chunks of the sort path; fewer than k ranked pages; no ranked page
     batch = make_batch(lens, h, hkv, block_size, data, seed=page_size + h)
     kt = kt_cache(batch, page_size, mm_dtype)

@@ -52,10 +52,9 @@ FINAL_MID_FACTOR = 8
 # Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
 # its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
 BISECT_MAX_PAGES = 16384
-# Thresholds per bisection round of `_bisect_top_pages_kernel`, plus one: 2 (32 rounds of one count) or 4 (16 rounds
-# of three counts packed in one int64 sum); same pages either way (benchmarks/quest_select_sweep.py times both).
-BISECT_ARITY = 2
-# Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives).
+# Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives): up to this many
+# programs per launch, one chunk each (more programs than PROGRAMS_PER_LAUNCH: 214 vs 221 us at 128K b16, page 8).
+SCORE_PROGRAMS_PER_LAUNCH = 16 if interpreting() else 16384
 SCORE_WARPS = 4
 SCORE_STAGES: int | None = None  # None: Triton's default software pipelining depth
 
@@ -231,7 +230,7 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
 @triton.jit
 def _bisect_top_pages_kernel(
     S, LENS, PAGES, stride_sn, stride_sh, stride_pn, stride_ph, page_size, k,
-    BLOCK: tl.constexpr, KP: tl.constexpr, ARITY: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr,
 ):
     # grid = (num_decodes, num_lists). The row's top-k ranked pages, best first, without sorting the row:
     # o = an int32 image of the fp32 bits that orders like the floats (negative floats' magnitude bits flipped;
@@ -248,29 +247,18 @@ def _bisect_top_pages_kernel(
     bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
     o = tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
     k_eff = tl.minimum(n_ranked, k)
-    lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
-    hi = tl.zeros([], tl.int64) + 2147483647
-    if ARITY == 4:  # three thresholds per round, their counts packed in one int64 sum: 16 rounds, 16 reductions
-        for _ in range(16):  # a quarter (rounded up) of [-2^31 + 1, 2^31 - 1] remains after each round
-            span = hi - lo + 1
-            m1 = tl.minimum(lo + (span + 3) // 4, hi)
-            m2 = tl.minimum(lo + (2 * span + 3) // 4, hi)
-            m3 = tl.minimum(lo + (3 * span + 3) // 4, hi)
-            packed = ((o >= m1.to(tl.int32)).to(tl.int64) + ((o >= m2.to(tl.int32)).to(tl.int64) << 20)
-                      + ((o >= m3.to(tl.int32)).to(tl.int64) << 40))
-            tot = tl.sum(packed, 0)  # each count <= BLOCK <= 2^20
-            t1 = (tot & 1048575) >= k_eff
-            t2 = ((tot >> 20) & 1048575) >= k_eff
-            t3 = (tot >> 40) >= k_eff
-            new_lo = tl.where(t3, m3, tl.where(t2, m2, tl.where(t1, m1, lo)))
-            hi = tl.where(t3, hi, tl.where(t2, m3 - 1, tl.where(t1, m2 - 1, m1 - 1)))
-            lo = new_lo
-    else:
-        for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
-            mid = lo + (hi - lo + 1) // 2
-            take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
+    # [lo, hi] = the ranked entries' [min, max] (count(o >= lo) >= k_eff holds throughout), halved until one value
+    # is left: as many rounds as the row's bit range needs (32 at most; ~24 when its scores share sign and octave).
+    # Forced pages (+inf, image 2139095040) stay out of hi unless they alone fill the k slots.
+    forced = o == 2139095040
+    all_forced = tl.sum(forced.to(tl.int32), 0) >= k_eff
+    lo = tl.where(all_forced, 2139095040, tl.min(tl.where(ranked, o, 2147483647), 0)).to(tl.int64)
+    hi = tl.where(all_forced, 2139095040, tl.max(tl.where(forced, -2147483648, o), 0)).to(tl.int64)
+    while lo < hi:
+        mid = lo + (hi - lo + 1) // 2
+        take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
     t = lo.to(tl.int32)
     above = o > t
     tie = o == t
@@ -287,9 +275,10 @@ def _bisect_top_pages_kernel(
 
 
 def _bisect_warps(block: int) -> int:
-    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread (16 warps at 8192 pages: 90 registers
-    on sm_90, vs 149 at 8 warps)."""
-    return max(4, min(16, block // 512))
+    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread up to 8192 pages (16 warps: 90 registers
+    on sm_90, vs 149 at 8 warps); 8 warps at 16384 pages (H100, 128K b16 page 8: 143.5 us vs 155.1 at 16 warps and
+    188.7 at 32; benchmarks/quest_select_sweep.py)."""
+    return 8 if block >= 16384 else max(4, min(16, block // 512))
 
 
 def _compute_dtype(minmax: torch.Tensor):
@@ -309,11 +298,13 @@ def _score_block() -> int:
     return 32 if interpreting() else 128
 
 
-def _programs_per_row(chunks: int, rows: int) -> int:
-    """Programs per (decode, KV head) along the page axis: one per chunk up to ~PROGRAMS_PER_LAUNCH programs in
-    all, then each loops over several chunks. Shape-only (graph-safe); caps the programs a wide decode-graph
-    table launches, since programs past a sequence's last page still cost a launch slot each."""
-    return max(1, min(chunks, triton.cdiv(PROGRAMS_PER_LAUNCH, max(rows, 1))))
+def _programs_per_row(chunks: int, rows: int, per_launch: int | None = None) -> int:
+    """Programs per (decode, KV head) along the page axis: one per chunk up to ~per_launch (default
+    PROGRAMS_PER_LAUNCH) programs in all, then each loops over several chunks. Shape-only (graph-safe); caps the
+    programs a wide decode-graph table launches, since programs past a sequence's last page still cost a launch
+    slot each."""
+    cap = PROGRAMS_PER_LAUNCH if per_launch is None else per_launch
+    return max(1, min(chunks, triton.cdiv(cap, max(rows, 1))))
 
 
 def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scale, spread=1.0, partials=True):
@@ -336,7 +327,7 @@ def _launch_scores(q, lo, hi, block_tables, seq_lens, page_size, max_pages, scal
     m_part = torch.empty(n, h, chunks if partials else 0, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     compute, precision = _compute_dtype(lo)
-    _scores_kernel[(n, hkv, _programs_per_row(chunks, n * hkv))](
+    _scores_kernel[(n, hkv, _programs_per_row(chunks, n * hkv, SCORE_PROGRAMS_PER_LAUNCH))](
         q, lo, block_tables, seq_lens, s, m_part, l_part,
         q.stride(0), q.stride(1),
         lo.stride(0), lo.stride(1), (hi.data_ptr() - lo.data_ptr()) // lo.element_size(), lo.stride(2),
@@ -437,7 +428,7 @@ def select_top_pages(
         block = max(2, next_pow2(max_pages))
         _bisect_top_pages_kernel[(n, lists)](
             s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), page_size, k,
-            BLOCK=block, KP=max(2, next_pow2(k)), ARITY=BISECT_ARITY, num_warps=_bisect_warps(block),
+            BLOCK=block, KP=max(2, next_pow2(k)), num_warps=_bisect_warps(block),
         )
         return pages
     meta = _reduce_args(s, lists)
