@@ -247,14 +247,9 @@ def _bisect_top_pages_kernel(
     bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
     o = tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
     k_eff = tl.minimum(n_ranked, k)
-    # [lo, hi] = the ranked entries' [min, max] (count(o >= lo) >= k_eff holds throughout), halved until one value
-    # is left: as many rounds as the row's bit range needs (32 at most; ~24 when its scores share sign and octave).
-    # Forced pages (+inf, image 2139095040) stay out of hi unless they alone fill the k slots.
-    forced = o == 2139095040
-    all_forced = tl.sum(forced.to(tl.int32), 0) >= k_eff
-    lo = tl.where(all_forced, 2139095040, tl.min(tl.where(ranked, o, 2147483647), 0)).to(tl.int64)
-    hi = tl.where(all_forced, 2139095040, tl.max(tl.where(forced, -2147483648, o), 0)).to(tl.int64)
-    while lo < hi:
+    lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
+    hi = tl.zeros([], tl.int64) + 2147483647
+    for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
         mid = lo + (hi - lo + 1) // 2
         take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
         lo = tl.where(take, mid, lo)
@@ -275,10 +270,10 @@ def _bisect_top_pages_kernel(
 
 
 def _bisect_warps(block: int) -> int:
-    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread up to 8192 pages (16 warps: 90 registers
-    on sm_90, vs 149 at 8 warps); 8 warps at 16384 pages (H100, 128K b16 page 8: 143.5 us vs 155.1 at 16 warps and
-    188.7 at 32; benchmarks/quest_select_sweep.py)."""
-    return 8 if block >= 16384 else max(4, min(16, block // 512))
+    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread (16 warps at 8192 pages: 90 registers
+    on sm_90, vs 149 at 8 warps). At 16384 pages (H100, 128K b16, page 8) 8 and 16 warps are within run-to-run
+    noise of each other (143-155 us), 32 slower (189; benchmarks/quest_select_sweep.py)."""
+    return max(4, min(16, block // 512))
 
 
 def _compute_dtype(minmax: torch.Tensor):
