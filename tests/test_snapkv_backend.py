@@ -184,8 +184,9 @@ def test_config_errors_and_registry(monkeypatch):
     assert backend_class("auto", "ada_snapkv", "cpu") is SnapKVBackend
     with pytest.raises(ValueError, match="attention_backend='triton' cannot run algorithm 'snapkv'"):
         backend_class("triton", "snapkv", "cpu")
-    with pytest.raises(ValueError, match=r"prompt_budget \(32\) must be larger than window_size \(32\)"):
-        parse_sparse_config({"algorithm": "snapkv", "prompt_budget": 32})
+    with pytest.raises(ValueError, match=r"prompt_budget \(64\) must be larger than window_size \(64\)"):
+        parse_sparse_config({"algorithm": "snapkv", "prompt_budget": 64})  # the default window: 64 since session 6
+    assert parse_sparse_config({"algorithm": "ada_snapkv"}).window_size == 64
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         parse_sparse_config({"algorithm": "ada_snapkv", "kernel_size": 4})
     with pytest.raises(ValueError, match="floor_alpha"):
