@@ -9,8 +9,8 @@ min/max metadata is 16 × 8192 pages × 8 Hkv × 128 × 2 × 2 B = 268 MB (~90 �
 
 Variants
   scores: raw bounds S [N, H, P] fp32 from the paged min/max cache (the library's kernel 1, `_launch_scores`,
-  already reads every min/max entry once per GQA group: idea (a) is in place; its RAW mode still writes
-  softmax partials nobody reads, and runs one tile shape):
+  already reads every min/max entry once per GQA group: idea (a) is in place; since session 6 the per-query-head
+  launch skips the softmax partials (`partials=False`), and runs one tile shape):
     lib_scores   the library kernel as the library launches it
     dot          copy without the partials; BLOCK_P x num_warps x num_stages swept, and programs per
                  (decode, KV head): "lib" (~1024 programs in all), "x4" (~4096) or "all" (one chunk each)
@@ -498,7 +498,8 @@ class Case:
         return page_scores(self.q.double(), self.lo[blk, p % ppb].double(), self.hi[blk, p % ppb].double())
 
     def lib_scores(self):
-        return _launch_scores(self.q, self.lo, self.hi, self.tables, self.lens, self.page_size, self.max_pages, 1.0)[0]
+        return _launch_scores(self.q, self.lo, self.hi, self.tables, self.lens, self.page_size, self.max_pages, 1.0,
+                              partials=False)[0]  # as select_top_pages(per_query_head=True) launches it
 
     def lib_step(self):
         return page_sparse_step(self.q, self.cache, self.lo, self.hi, self.tables, self.lens, self.page_size,
