@@ -141,7 +141,7 @@ def _group_reduce_kernel(
     lpart = L_PART + n.to(tl.int64) * stride_pn + heads * stride_ph
     m_run = tl.full([ROWS], float("-inf"), tl.float32)
     z_run = tl.zeros([ROWS], tl.float32)
-    if not RAW:  # RAW has no partials (M_PART / L_PART are placeholders)
+    if not RAW:  # RAW ranks raw bounds, so it reads no softmax partials (M_PART / L_PART are then unused)
         for c0 in range(0, live, BLOCK_C):
             cs = c0 + tl.arange(0, BLOCK_C)
             ok = row_ok[:, None] & (cs < live)[None, :]
@@ -427,7 +427,7 @@ def select_top_pages(
         )
         return pages
     meta = _reduce_args(s, lists)
-    if per_query_head:  # RAW: the reduce reads no partials; any tensor holds their place
+    if per_query_head:  # RAW: the reduce reads no partials, so S itself is passed for the unused pointers
         m_part = l_part = s
     chunks = triton.cdiv(max_pages, block_r)
     n_cand = chunks * kc
