@@ -52,6 +52,12 @@ FINAL_MID_FACTOR = 8
 # Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
 # its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
 BISECT_MAX_PAGES = 16384
+# Row entries per piece of the bisection's slot pass (`_bisect_top_pages_kernel`), and whether its rounds stop as soon
+# as the count reaches k exactly (fewer rounds, a data-dependent loop): benchmarks/quest_topk_variants.py times both.
+BISECT_TAIL = 32 if interpreting() else 2048
+BISECT_EXACT_EXIT = True
+# Register cap of the bisection kernel (None: ptxas's choice); 64 at 16 warps lets an SM hold two programs.
+BISECT_MAXNREG: int | None = None
 # Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives): up to this many
 # programs per launch, one chunk each (more programs than PROGRAMS_PER_LAUNCH: 214 vs 221 us at 128K b16, page 8).
 SCORE_PROGRAMS_PER_LAUNCH = 16 if interpreting() else 16384
@@ -230,43 +236,69 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
 @triton.jit
 def _bisect_top_pages_kernel(
     S, LENS, PAGES, stride_sn, stride_sh, stride_pn, stride_ph, page_size, k,
-    BLOCK: tl.constexpr, KP: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr, TAIL: tl.constexpr, EXACT_EXIT: tl.constexpr,
 ):
     # grid = (num_decodes, num_lists). The row's top-k ranked pages, best first, without sorting the row:
     # o = an int32 image of the fp32 bits that orders like the floats (negative floats' magnitude bits flipped;
     # unranked pages -2^31, below every real score); T = the k-th largest o by bisection (count(o >= mid) >= k
-    # keeps mid); the pages with o > T and the lowest pages with o == T (ties go to the lower page) are stored at
-    # their prefix-sum slots; then the k slots are sorted best first (int64 keys, `_page_keys`); -1 past
-    # min(k, ranked pages).
+    # keeps mid; EXACT_EXIT stops as soon as count(o >= lo) == k, when no entry equal to lo can be cut); the pages
+    # with o > T and the lowest pages with o == T (ties go to the lower page) are stored at their prefix-sum slots;
+    # then the k slots are sorted best first (int64 keys, `_page_keys`); -1 past min(k, ranked pages).
+    # The slot pass re-reads the row in TAIL-wide pieces (L2-resident) instead of scanning the register-held row:
+    # whole-row prefix sums need ~2x the registers of the bisection (sm_90: 128 + spills vs 56 at 16 warps),
+    # which halves the programs an SM holds.
     n = tl.program_id(0)
     lst = tl.program_id(1)
     n_ranked = _ranked_pages(LENS, n, page_size)
     offs = tl.arange(0, BLOCK)
-    ranked = offs < n_ranked
     s_row = S + n.to(tl.int64) * stride_sn + lst * stride_sh
-    bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
-    o = tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
+    o = _ordered_image(s_row, offs, n_ranked)
     k_eff = tl.minimum(n_ranked, k)
     lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
     hi = tl.zeros([], tl.int64) + 2147483647
-    for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
-        mid = lo + (hi - lo + 1) // 2
-        take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
-        lo = tl.where(take, mid, lo)
-        hi = tl.where(take, hi, mid - 1)
+    if EXACT_EXIT:
+        c_lo = n_ranked  # count(o >= lo)
+        while (lo < hi) & (c_lo != k_eff):
+            mid = lo + (hi - lo + 1) // 2
+            c = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0)
+            take = c >= k_eff
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
+            c_lo = tl.where(take, c, c_lo)
+    else:
+        for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
+            mid = lo + (hi - lo + 1) // 2
+            take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
+            lo = tl.where(take, mid, lo)
+            hi = tl.where(take, hi, mid - 1)
     t = lo.to(tl.int32)
-    above = o > t
-    tie = o == t
-    sel = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k_eff - tl.sum(above.to(tl.int32), 0)))
+    ties_wanted = k_eff - tl.sum((o > t).to(tl.int32), 0)
     p_row = PAGES + n.to(tl.int64) * stride_pn + lst * stride_ph
-    tl.store(p_row + tl.cumsum(sel.to(tl.int32), 0) - 1, offs, mask=sel)
+    filled = tl.zeros([], tl.int32)
+    ties_seen = tl.zeros([], tl.int32)
+    for c0 in range(0, BLOCK, TAIL):
+        offs_c = c0 + tl.arange(0, TAIL)
+        oc = _ordered_image(s_row, offs_c, n_ranked)
+        tie = oc == t
+        sel = (oc > t) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted))
+        tl.store(p_row + filled + tl.cumsum(sel.to(tl.int32), 0) - 1, offs_c, mask=sel)
+        filled += tl.sum(sel.to(tl.int32), 0)
+        ties_seen += tl.sum(tie.to(tl.int32), 0)
     tl.debug_barrier()  # the slots were written by other threads of this program
     slots = tl.arange(0, KP)
-    filled = slots < k_eff
-    pg = tl.load(p_row + slots, mask=filled, other=0)
-    keys = tl.sort(_page_keys(tl.load(s_row + pg, mask=filled, other=0.0), pg, filled), 0, descending=True)
+    valid = slots < k_eff
+    pg = tl.load(p_row + slots, mask=valid, other=0)
+    keys = tl.sort(_page_keys(tl.load(s_row + pg, mask=valid, other=0.0), pg, valid), 0, descending=True)
     tl.debug_barrier()
     tl.store(p_row + slots, tl.where(keys > 0, 2147483647 - (keys & 2147483647), -1).to(tl.int32), mask=slots < k)
+
+
+@triton.jit
+def _ordered_image(s_row, offs, n_ranked):
+    """int32 image of the row's fp32 scores at offs that orders like the floats; -2^31 for unranked pages."""
+    ranked = offs < n_ranked
+    bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
+    return tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
 
 
 def _bisect_warps(block: int) -> int:
@@ -423,7 +455,8 @@ def select_top_pages(
         block = max(2, next_pow2(max_pages))
         _bisect_top_pages_kernel[(n, lists)](
             s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), page_size, k,
-            BLOCK=block, KP=max(2, next_pow2(k)), num_warps=_bisect_warps(block),
+            BLOCK=block, KP=max(2, next_pow2(k)), TAIL=min(block, BISECT_TAIL), EXACT_EXIT=BISECT_EXACT_EXIT,
+            num_warps=_bisect_warps(block), **({"maxnreg": BISECT_MAXNREG} if BISECT_MAXNREG else {}),
         )
         return pages
     meta = _reduce_args(s, lists)
