@@ -273,17 +273,23 @@ def _bisect_top_pages_kernel(
             hi = tl.where(take, hi, mid - 1)
     t = lo.to(tl.int32)
     ties_wanted = k_eff - tl.sum((o > t).to(tl.int32), 0)
+    # Ties straddle the k-th slot only if more than k entries are >= t (never after an exact exit): only then do
+    # the pieces rank their ties (a second prefix sum per piece).
+    straddle = tl.sum((o >= t).to(tl.int32), 0) > k_eff
     p_row = PAGES + n.to(tl.int64) * stride_pn + lst * stride_ph
     filled = tl.zeros([], tl.int32)
     ties_seen = tl.zeros([], tl.int32)
     for c0 in range(0, BLOCK, TAIL):
         offs_c = c0 + tl.arange(0, TAIL)
         oc = _ordered_image(s_row, offs_c, n_ranked)
-        tie = oc == t
-        sel = (oc > t) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted))
+        if straddle:
+            tie = oc == t
+            sel = (oc > t) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) <= ties_wanted))
+            ties_seen += tl.sum(tie.to(tl.int32), 0)
+        else:
+            sel = oc >= t
         tl.store(p_row + filled + tl.cumsum(sel.to(tl.int32), 0) - 1, offs_c, mask=sel)
         filled += tl.sum(sel.to(tl.int32), 0)
-        ties_seen += tl.sum(tie.to(tl.int32), 0)
     tl.debug_barrier()  # the slots were written by other threads of this program
     slots = tl.arange(0, KP)
     valid = slots < k_eff
