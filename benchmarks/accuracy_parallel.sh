@@ -9,6 +9,7 @@
 #     benchmarks/accuracy_parallel.sh benchmarks/accuracy_configs/dense.yaml benchmarks/accuracy_configs/quest.yaml ...
 set -u
 TAR_TO=${TAR_TO:-}
+SEED=${SEED:-}  # the samples' seed (eval --seed; unset: 0): another seed gives another, held-out set of samples
 : "${LENGTH:?set LENGTH}" "${OUTDIR:?set OUTDIR}" "${MODEL:?set MODEL (benchmarks/gpu_env.sh does)}"
 SAMPLES=${SAMPLES:-20}; PARALLEL=${PARALLEL:-6}; LIMIT=${LIMIT:-540}; TASKS=${TASKS:-"ruler_niah ruler_niah_multikey"}
 MAX_LEN=$(( LENGTH + 256 > 8192 ? 8192 : LENGTH + 256 ))  # SmolLM2 stops at 8192 positions
@@ -18,7 +19,7 @@ run_one() {
   local cfg=$1 name; name=$(basename "$cfg" .yaml)
   timeout "$LIMIT" python3 -m sparse_llm.cli eval sweep --model "$MODEL" --device "${DEVICE:-cuda}" --enforce-eager \
     --kv-max-tokens "$KV_TOKENS" --max-model-len "$MAX_LEN" --configs "$cfg" --tasks $TASKS \
-    --max-input-length "$LENGTH" --num-samples "$SAMPLES" --no-progress --output-dir "$OUTDIR" \
+    --max-input-length "$LENGTH" --num-samples "$SAMPLES" --no-progress --output-dir "$OUTDIR" ${SEED:+--seed "$SEED"} \
     > "$OUTDIR/log_$name.txt" 2>&1
   echo "$name: exit $? after $SECONDS s" >> "$OUTDIR/exits.txt"
   # TAR_TO: also pack this config's results into one file there (the device tool returns shallow files only)
@@ -26,5 +27,5 @@ run_one() {
     tar czf "$TAR_TO/acc_${LENGTH}_$name.tgz" -C "$OUTDIR" "$name" "log_$name.txt"
   fi
 }
-export -f run_one; export MAX_LEN LENGTH OUTDIR MODEL SAMPLES LIMIT TASKS KV_TOKENS TAR_TO
+export -f run_one; export MAX_LEN LENGTH OUTDIR MODEL SAMPLES LIMIT TASKS KV_TOKENS TAR_TO SEED
 printf '%s\n' "$@" | xargs -P "$PARALLEL" -I{} bash -c 'run_one "$@"' _ {}
