@@ -7,8 +7,8 @@ after the bisection (prefix sums of the ties and of the kept entries): sm_90 nee
   load    load the row, build the ordered int32 image, store its max          (memory + launch floor)
   rounds  load + 32 bisection rounds, store the threshold                      (no slot pass)
   old     rounds + the whole-row slot pass + the sort                          (session 6's library kernel)
-The library kernel (session 7) re-reads the row in TAIL-wide pieces for the slot pass (127 registers at 8 warps,
-84 at 16, 64 + 8 bytes of stack with maxnreg 64) and may stop its rounds once the count is exactly k (EXACT_EXIT).
+The library kernel (session 7) re-reads the row in TAIL-wide pieces for the slot pass (about half the registers:
+`--regs` lists them) and may stop its rounds once the count is exactly k (EXACT_EXIT).
 Its grid here: warps x maxnreg x TAIL x EXACT_EXIT. Pages are checked equal to the old kernel's first; times by
 CUDA-graph replay. `--regs` prints sm_90 register counts, compiled without a GPU (the Triton wheel's ptxas).
 

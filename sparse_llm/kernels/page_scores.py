@@ -21,7 +21,8 @@ so every min/max entry is read once per group):
   3. `_top_keys_kernel`: the best k of the candidates per (decode, KV head) in one or two sorting rounds.
 Quest per query head replaces 2 and 3 by `_bisect_top_pages_kernel` (rows of up to BISECT_MAX_PAGES pages):
 one program per (decode, query head) finds the k-th best bound by bisection on its bits, with no sort of the
-row (H sorted rows cost ~4x the KV-head mode's Hkv; benchmarks/quest_decode_variants.py).
+row (H sorted rows cost ~4x the KV-head mode's Hkv; benchmarks/quest_decode_variants.py), then collects the pages
+in a second pass over the row in pieces (benchmarks/quest_topk_variants.py: 143 -> 98 us at 128K b16).
 Torch reference: `backends.rocket_select.group_page_scores` / `select_pages`; per query head
 `sparse.quest.quest_selection`.
 
@@ -308,10 +309,10 @@ def _ordered_image(s_row, offs, n_ranked):
 
 
 def _bisect_warps(block: int) -> int:
-    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread (16 warps at 8192 pages: 90 registers
-    on sm_90, vs 149 at 8 warps). At 16384 pages (H100, 128K b16, page 8) 8 and 16 warps are within run-to-run
-    noise of each other (143-155 us), 32 slower (189; benchmarks/quest_select_sweep.py)."""
-    return max(4, min(16, block // 512))
+    """Warps of `_bisect_top_pages_kernel`: about 16 row entries per thread up to 8192 pages (16 warps); 8 warps at
+    16384 pages (H100, 128K b16, page 8, 2048-entry pieces: 128 registers, two programs per SM, 98 us vs 107-111 at
+    16 warps with or without a 64-register cap; benchmarks/quest_topk_variants.py)."""
+    return 8 if block >= 16384 else max(4, min(16, block // 512))
 
 
 def _compute_dtype(minmax: torch.Tensor):
