@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparse_llm.kernels.page_scores as page_scores  # noqa: E402
 from sparse_llm.kernels.geometry import next_pow2  # noqa: E402
-from sparse_llm.kernels.page_scores import _page_keys, _ranked_pages  # noqa: E402
+from sparse_llm.kernels.page_scores import _ordered_image, _page_keys, _ranked_pages  # noqa: E402
 
 MODES = {"load": 0, "rounds": 1, "old": 2}
 
@@ -48,10 +48,8 @@ def _variant_kernel(
     lst = tl.program_id(1)
     n_ranked = _ranked_pages(LENS, n, page_size)
     offs = tl.arange(0, BLOCK)
-    ranked = offs < n_ranked
     s_row = S + n.to(tl.int64) * stride_sn + lst * stride_sh
-    bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
-    o = tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
+    o = _ordered_image(s_row, offs, n_ranked)
     k_eff = tl.minimum(n_ranked, k)
     t_slot = T_IO + n * tl.num_programs(1) + lst
     if MODE == 0:
