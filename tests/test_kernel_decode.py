@@ -45,6 +45,11 @@ def test_split_policy_fills_the_gpu_and_respects_bounds():
     # the skip build amortises each split's sink-seed tile over at least 8 tiles
     assert decode_split_tiles(8192, 1, 3, 132) == 4 and decode_split_tiles(8192, 1, 3, 132, skip=True) == 8
     assert decode_split_tiles(131072, 1, 8, 132, skip=True) == decode_split_tiles(131072, 1, 8, 132)
+    # the skip build rounds its split count down (at most one wave of 4 programs per SM), the dense build up
+    assert decode_split_tiles(32768, 16, 8, 132) == 103 and decode_split_tiles(32768, 16, 8, 132, skip=True) == 128
+    for n, b in ((32768, 16), (8192, 64), (65536, 5), (131072, 1), (20000, 3)):
+        tiles = -(-n // 64)
+        assert -(-tiles // decode_split_tiles(n, b, 8, 132, skip=True)) * b * 8 <= max(4 * 132, b * 8)
     with pytest.raises(ValueError, match="max_kv_len=0"):
         decode_split_tiles(0, 1, 8, 132)
 

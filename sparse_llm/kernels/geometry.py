@@ -63,7 +63,11 @@ def decode_split_tiles(
 
     The decode skip decisions depend on this (each split keeps its own running max), so the Triton
     backend, the torch reference and calibration all call this with the same inputs; `skip` (the
-    skip-softmax build) raises the minimum split length to DECODE_MIN_SPLIT_TILES_SKIP.
+    skip-softmax build) raises the minimum split length to DECODE_MIN_SPLIT_TILES_SKIP and never asks
+    for more programs than one wave (rounds the split count down, not up): a partial second wave of
+    its longer-lived programs costs more than a longer split (H100, 32K batch 16: 5 splits = 640
+    programs 623.6 us, 4 = 512 programs 574.1 us at the same factor; the dense build is 728 us either
+    way; benchmarks/results/skip_decode_split_sweep_s7_h100.json).
     """
     if max_kv_len < 1 or num_seqs < 1 or num_kv_heads < 1:
         raise ValueError(
@@ -71,7 +75,8 @@ def decode_split_tiles(
             f"num_seqs={num_seqs}, num_kv_heads={num_kv_heads}"
         )
     tiles = cdiv(max_kv_len, block_n)
-    want_splits = max(1, cdiv(DECODE_PROGRAMS_PER_SM * sms, num_seqs * num_kv_heads))
+    programs, heads = DECODE_PROGRAMS_PER_SM * sms, num_seqs * num_kv_heads
+    want_splits = max(1, programs // heads if skip else cdiv(programs, heads))
     min_tiles = DECODE_MIN_SPLIT_TILES_SKIP if skip else DECODE_MIN_SPLIT_TILES
     return min(tiles, max(min_tiles, cdiv(tiles, want_splits)))
 
