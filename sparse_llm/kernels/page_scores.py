@@ -246,8 +246,8 @@ def _bisect_top_pages_kernel(
     # with o > T and the lowest pages with o == T (ties go to the lower page) are stored at their prefix-sum slots;
     # then the k slots are sorted best first (int64 keys, `_page_keys`); -1 past min(k, ranked pages).
     # The slot pass re-reads the row in TAIL-wide pieces (L2-resident) instead of scanning the register-held row:
-    # whole-row prefix sums need ~2x the registers of the bisection (sm_90: 128 + spills vs 56 at 16 warps),
-    # which halves the programs an SM holds.
+    # whole-row prefix sums need about twice the registers of the bisection alone (sm_90, 16384 pages: 255 + spills
+    # vs 128 at 8 warps, 128 vs 56 at 16), which halves the programs an SM holds.
     n = tl.program_id(0)
     lst = tl.program_id(1)
     n_ranked = _ranked_pages(LENS, n, page_size)
