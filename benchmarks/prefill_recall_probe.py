@@ -36,16 +36,54 @@ ROW_CHUNK = 128  # query rows per dense-softmax chunk
 def parse(spec: str):
     """'xattention:threshold=0.99,local_window=128' -> the library's user config (defaults filled in)."""
     name, _, rest = spec.partition(":")
-    kw = {"algorithm": name}
+    row_groups = name == "xattention_rows"
+    kw = {"algorithm": "xattention" if row_groups else name}
     for item in filter(None, rest.split(",")):
         key, val = item.split("=")
         kw[key] = float(val) if "." in val else int(val)
-    return parse_sparse_config(kw)
+    cfg = parse_sparse_config(kw)
+    if row_groups:
+        object.__setattr__(cfg, "_row_groups", True)
+    return cfg
+
+
+def row_group_mask(q, k, scale, threshold, stride, block_size):
+    """Experimental XAttention variant (not the paper's, not in the library): every strided query group picks its
+    own key blocks (descending estimated mass until `threshold` of the group's own mass; sink and diagonal forced)
+    and a query block keeps the union, so a few rows with their own pattern are not outvoted by their block."""
+    import torch.nn.functional as F
+
+    from sparse_llm.sparse.xattention import reshape_antidiagonal, select_blocks_by_mass, threshold_tensor
+
+    qr, kr, qb0, row_real = reshape_antidiagonal(q, k, block_size, stride)
+    b, h = q.shape[:2]
+    g = h // k.shape[1]
+    gpb = block_size // stride
+    krr = kr.repeat_interleave(g, 1)
+    nkg = kr.shape[2]
+    col = torch.arange(nkg)
+    row_abs = qb0 * gpb + torch.arange(qr.shape[2])
+    sc = torch.matmul(qr.float(), krr.float().transpose(-1, -2)) * (scale / stride)
+    sc = sc.masked_fill((col[None, :] > row_abs[:, None]) | (col[None, :] * stride >= k.shape[2]), float("-inf"))
+    p = torch.softmax(sc, -1) * row_real[:, None]
+    nb = nkg // gpb
+    per_group = p.view(b, h, qr.shape[2], nb, gpb).sum(-1)  # [B, H, groups, nkb]
+    nqb = qr.shape[2] // gpb
+    # each group as its own "query block" (its row index mapped to its block) -> the library's selection rule
+    grp = per_group.view(b, h * nqb * gpb, 1, nb)
+    qb_of = (qb0 + torch.arange(nqb)).repeat_interleave(gpb).repeat(h)
+    masks = []
+    for i in range(grp.shape[1]):  # vectorised enough: one small sort per group
+        masks.append(select_blocks_by_mass(grp[:, i:i + 1], int(qb_of[i]), threshold_tensor(threshold, 1, q.device)))
+    m = torch.cat(masks, 1).view(b, h, nqb, gpb, nb).any(3)
+    return F.pad(m, (0, 0)), qb0
 
 
 def block_mask(cfg, q, k, scale):
     """[H, nqb, nkb] bool: the library estimator's blocks for a whole-prompt prefill (q, k [1, H(kv), S, D])."""
-    if cfg.algorithm == "xattention":
+    if cfg.algorithm == "xattention" and getattr(cfg, "_row_groups", False):
+        m, qb0 = row_group_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size)
+    elif cfg.algorithm == "xattention":
         m, qb0 = xattention_block_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size, use_triton=False)
     else:
         m, qb0, _ = flexprefill_block_mask(q, k, scale, cfg.gamma, cfg.tau, cfg.min_budget, cfg.max_budget,
