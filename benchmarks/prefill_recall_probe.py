@@ -34,25 +34,21 @@ ROW_CHUNK = 128  # query rows per dense-softmax chunk
 
 
 def parse(spec: str):
-    """'xattention:threshold=0.99,local_window=128' -> the library's user config (defaults filled in)."""
+    """'xattention:threshold=0.99,local_window=128' -> (the library's user config with defaults filled in, whether
+    the experimental per-row-group selection is asked: 'xattention_rows:...')."""
     name, _, rest = spec.partition(":")
     row_groups = name == "xattention_rows"
     kw = {"algorithm": "xattention" if row_groups else name}
     for item in filter(None, rest.split(",")):
         key, val = item.split("=")
         kw[key] = float(val) if "." in val else int(val)
-    cfg = parse_sparse_config(kw)
-    if row_groups:
-        object.__setattr__(cfg, "_row_groups", True)
-    return cfg
+    return parse_sparse_config(kw), row_groups
 
 
 def row_group_mask(q, k, scale, threshold, stride, block_size):
     """Experimental XAttention variant (not the paper's, not in the library): every strided query group picks its
     own key blocks (descending estimated mass until `threshold` of the group's own mass; sink and diagonal forced)
     and a query block keeps the union, so a few rows with their own pattern are not outvoted by their block."""
-    import torch.nn.functional as F
-
     from sparse_llm.sparse.xattention import reshape_antidiagonal, select_blocks_by_mass, threshold_tensor
 
     qr, kr, qb0, row_real = reshape_antidiagonal(q, k, block_size, stride)
@@ -76,12 +72,12 @@ def row_group_mask(q, k, scale, threshold, stride, block_size):
     for i in range(grp.shape[1]):  # vectorised enough: one small sort per group
         masks.append(select_blocks_by_mass(grp[:, i:i + 1], int(qb_of[i]), threshold_tensor(threshold, 1, q.device)))
     m = torch.cat(masks, 1).view(b, h, nqb, gpb, nb).any(3)
-    return F.pad(m, (0, 0)), qb0
+    return m, qb0
 
 
-def block_mask(cfg, q, k, scale):
+def block_mask(cfg, row_groups, q, k, scale):
     """[H, nqb, nkb] bool: the library estimator's blocks for a whole-prompt prefill (q, k [1, H(kv), S, D])."""
-    if cfg.algorithm == "xattention" and getattr(cfg, "_row_groups", False):
+    if row_groups:
         m, qb0 = row_group_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size)
     elif cfg.algorithm == "xattention":
         m, qb0 = xattention_block_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size, use_triton=False)
@@ -111,7 +107,7 @@ class Recorder(AttentionBackend):
     def measure(self, q, k) -> dict:
         s, h = q.shape[0], q.shape[1]
         qh, kh = q.transpose(0, 1)[None], k.transpose(0, 1)[None]
-        masks = {name: block_mask(cfg, qh, kh, self.layer.scale) for name, cfg in self.configs.items()}
+        masks = {name: block_mask(cfg, rows, qh, kh, self.layer.scale) for name, (cfg, rows) in self.configs.items()}
         g = h // k.shape[1]
         kr = kh[0].repeat_interleave(g, 0)  # [H, S, D]
         recalls = {name: [] for name in masks}
@@ -122,7 +118,7 @@ class Recorder(AttentionBackend):
             sc = sc.masked_fill(pos[None, None, :r1] > pos[r0:r1][None, :, None], float("-inf"))
             p = torch.softmax(sc, -1)
             for name, m in masks.items():
-                bs = self.configs[name].block_size
+                bs = self.configs[name][0].block_size
                 keep = m[:, pos[r0:r1] // bs].repeat_interleave(bs, -1)[..., :r1]  # [H, rows, r1]
                 recalls[name].append((p * keep).sum(-1))  # [H, rows]
         res = {}
@@ -137,7 +133,7 @@ class Recorder(AttentionBackend):
                 by_row = torch.cat(recalls[name], 1)  # [H, S]
                 vals, idx = by_row.flatten().topk(self.worst, largest=False)
                 res[name]["worst"] = [{"head": int(i) // s, "row": int(i) % s, "recall": round(float(v), 3),
-                                       "row_in_block": int(i) % s % self.configs[name].block_size}
+                                       "row_in_block": int(i) % s % self.configs[name][0].block_size}
                                       for v, i in zip(vals, idx)]
         return res
 
