@@ -8,8 +8,8 @@ after the bisection (prefix sums of the ties and of the kept entries): sm_90 nee
   rounds  load + 32 bisection rounds, store the threshold                      (no slot pass)
   old     rounds + the whole-row slot pass + the sort                          (session 6's library kernel)
 The library kernel (session 7) re-reads the row in TAIL-wide pieces for the slot pass (about half the registers:
-`--regs` lists them) and may stop its rounds once the count is exactly k (EXACT_EXIT).
-Its grid here: warps x maxnreg x TAIL x EXACT_EXIT. Pages are checked equal to the old kernel's first; times by
+`--regs` lists them) and stops its rounds once the count is exactly k.
+Its grid here: warps x maxnreg x TAIL. Pages are checked equal to the old kernel's first; times by
 CUDA-graph replay. `--regs` prints sm_90 register counts, compiled without a GPU (the Triton wheel's ptxas).
 
     . benchmarks/gpu_env.sh && python benchmarks/quest_topk_variants.py --out $OUT/quest_topk_variants.json
@@ -83,21 +83,17 @@ def _variant_kernel(
 
 LIB_SIG = {"S": "*fp32", "LENS": "*i32", "PAGES": "*i32", "stride_sn": "i32", "stride_sh": "i32", "stride_pn": "i32",
            "stride_ph": "i32", "page_size": "i32", "k": "i32", "BLOCK": "constexpr", "KP": "constexpr",
-           "TAIL": "constexpr", "EXACT_EXIT": "constexpr"}
+           "TAIL": "constexpr"}
 OLD_SIG = {"S": "*fp32", "LENS": "*i32", "PAGES": "*i32", "T_IO": "*i32", "stride_sn": "i32", "stride_sh": "i32",
            "stride_pn": "i32", "stride_ph": "i32", "page_size": "i32", "k": "i32",
            "BLOCK": "constexpr", "KP": "constexpr", "MODE": "constexpr"}
 
 
 def library_grid(smoke: bool) -> list[dict]:
-    """Launch options of the library kernel to time: warps, maxnreg (None = ptxas's choice), TAIL, EXACT_EXIT."""
+    """Launch options of the library kernel to time: warps, maxnreg (None = ptxas's choice), TAIL."""
     if smoke:
-        return [{"warps": 4, "maxnreg": None, "tail": t, "exact": e} for t in (32, 1024) for e in (False, True)]
-    rows = [{"warps": 8, "maxnreg": None, "tail": 2048, "exact": False}]
-    for warps, maxnreg in ((8, None), (16, None), (16, 64)):
-        for tail in (1024, 2048, 4096):
-            rows.append({"warps": warps, "maxnreg": maxnreg, "tail": tail, "exact": True})
-    return rows
+        return [{"warps": 4, "maxnreg": None, "tail": t} for t in (32, 1024)]
+    return [{"warps": w, "maxnreg": r, "tail": t} for w, r in ((8, None), (16, None), (16, 64)) for t in (1024, 2048, 4096)]
 
 
 def _usage(kern) -> dict:
@@ -127,9 +123,9 @@ def register_counts(block: int, kp: int) -> dict:
             out[f"{name}@{warps}"] = _usage(triton.compile(src, target=target, options={"num_warps": warps}))
     for row in library_grid(False):
         src = ASTSource(page_scores._bisect_top_pages_kernel, LIB_SIG,
-                        {"BLOCK": block, "KP": kp, "TAIL": row["tail"], "EXACT_EXIT": row["exact"]})
+                        {"BLOCK": block, "KP": kp, "TAIL": row["tail"]})
         opts = {"num_warps": row["warps"], **({"maxnreg": row["maxnreg"]} if row["maxnreg"] else {})}
-        out[f"lib w{row['warps']} r{row['maxnreg']} t{row['tail']} e{int(row['exact'])}"] = _usage(
+        out[f"lib w{row['warps']} r{row['maxnreg']} t{row['tail']}"] = _usage(
             triton.compile(src, target=target, options=opts))
     return out
 
@@ -194,7 +190,7 @@ def main() -> int:
         opts = {} if args.cpu_smoke or not row["maxnreg"] else {"maxnreg": row["maxnreg"]}
         page_scores._bisect_top_pages_kernel[(b, h)](
             s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), ps, k,
-            BLOCK=block, KP=kp, TAIL=min(block, row["tail"]), EXACT_EXIT=row["exact"], num_warps=row["warps"], **opts)
+            BLOCK=block, KP=kp, TAIL=min(block, row["tail"]), num_warps=row["warps"], **opts)
 
     old("old", 4)
     want = pages.clone()

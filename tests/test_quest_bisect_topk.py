@@ -67,13 +67,10 @@ def run(batch, kt, page_size, max_pages, k, tables=None):
     (16, 16, 4, 1, torch.float16, "negative", 4),  # GQA 4, signed keys
     (8, 8, 6, 2, torch.float16, "ties", 40),      # k above the ranked pages of all rows but the first
 ])
-@pytest.mark.parametrize("exact_exit,tail", [(True, 32), (False, 16)])
-def test_bisect_pages_are_the_reference_pages_best_first(
-    monkeypatch, page_size, block_size, h, hkv, mm_dtype, data, k, exact_exit, tail
-):
-    """Both bisection endings (stop at an exact count of k, or all 32 rounds) and slot-pass pieces narrower than
-    the row (ties counted across pieces)."""
-    monkeypatch.setattr(page_scores_mod, "BISECT_EXACT_EXIT", exact_exit)
+@pytest.mark.parametrize("tail", [32, 16])
+def test_bisect_pages_are_the_reference_pages_best_first(monkeypatch, page_size, block_size, h, hkv, mm_dtype, data, k,
+                                                         tail):
+    """Slot-pass pieces narrower than the row (ties counted across pieces)."""
     monkeypatch.setattr(page_scores_mod, "BISECT_TAIL", tail)
     lens = [603, 37, 9, 1]  # several chunks of the sort path; fewer than k ranked pages; no ranked page
     batch = make_batch(lens, h, hkv, block_size, data, seed=page_size + h)

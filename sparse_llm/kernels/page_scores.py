@@ -53,12 +53,9 @@ FINAL_MID_FACTOR = 8
 # Quest per query head: rows of up to this many pages take the bisection top-k (the row is held in registers;
 # its 32 rounds scan the whole next_pow2(max_pages)-wide row, live pages or not); wider rows the sort path.
 BISECT_MAX_PAGES = 16384
-# Row entries per piece of the bisection's slot pass (`_bisect_top_pages_kernel`), and whether its rounds stop as soon
-# as the count reaches k exactly (fewer rounds, a data-dependent loop): benchmarks/quest_topk_variants.py times both.
+# Row entries per piece of the bisection's slot pass (`_bisect_top_pages_kernel`; benchmarks/quest_topk_variants.py
+# times 1024 / 2048 / 4096).
 BISECT_TAIL = 32 if interpreting() else 2048
-BISECT_EXACT_EXIT = True
-# Register cap of the bisection kernel (None: ptxas's choice); 64 at 16 warps lets an SM hold two programs.
-BISECT_MAXNREG: int | None = None
 # Launch shape of `_scores_kernel` (benchmarks/quest_select_sweep.py times the alternatives): up to this many
 # programs per launch, one chunk each (more programs than PROGRAMS_PER_LAUNCH: 214 vs 221 us at 128K b16, page 8).
 SCORE_PROGRAMS_PER_LAUNCH = 16 if interpreting() else 16384
@@ -237,14 +234,14 @@ def _emit_top_pages(KEYS_ROW, PAGES_ROW, num_keys, k, WIDTH: tl.constexpr):
 @triton.jit
 def _bisect_top_pages_kernel(
     S, LENS, PAGES, stride_sn, stride_sh, stride_pn, stride_ph, page_size, k,
-    BLOCK: tl.constexpr, KP: tl.constexpr, TAIL: tl.constexpr, EXACT_EXIT: tl.constexpr,
+    BLOCK: tl.constexpr, KP: tl.constexpr, TAIL: tl.constexpr,
 ):
     # grid = (num_decodes, num_lists). The row's top-k ranked pages, best first, without sorting the row:
     # o = an int32 image of the fp32 bits that orders like the floats (negative floats' magnitude bits flipped;
     # unranked pages -2^31, below every real score); T = the k-th largest o by bisection (count(o >= mid) >= k
-    # keeps mid; EXACT_EXIT stops as soon as count(o >= lo) == k, when no entry equal to lo can be cut); the pages
-    # with o > T and the lowest pages with o == T (ties go to the lower page) are stored at their prefix-sum slots;
-    # then the k slots are sorted best first (int64 keys, `_page_keys`); -1 past min(k, ranked pages).
+    # keeps mid), stopping as soon as count(o >= lo) == k (no entry equal to lo can then be cut); the pages with
+    # o > T and the lowest pages with o == T (ties go to the lower page) are stored at their prefix-sum slots; then
+    # the k slots are sorted best first (int64 keys, `_page_keys`); -1 past min(k, ranked pages).
     # The slot pass re-reads the row in TAIL-wide pieces (L2-resident) instead of scanning the register-held row:
     # whole-row prefix sums need about twice the registers of the bisection alone (sm_90, 16384 pages: 255 + spills
     # vs 128 at 8 warps, 128 vs 56 at 16), which halves the programs an SM holds.
@@ -257,26 +254,21 @@ def _bisect_top_pages_kernel(
     k_eff = tl.minimum(n_ranked, k)
     lo = tl.zeros([], tl.int64) - 2147483647  # count(o >= lo) >= k_eff holds throughout
     hi = tl.zeros([], tl.int64) + 2147483647
-    if EXACT_EXIT:
-        c_lo = n_ranked  # count(o >= lo)
-        while (lo < hi) & (c_lo != k_eff):
-            mid = lo + (hi - lo + 1) // 2
-            c = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0)
-            take = c >= k_eff
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
-            c_lo = tl.where(take, c, c_lo)
-    else:
-        for _ in range(32):  # [-2^31 + 1, 2^31 - 1] halves 32 times down to one value
-            mid = lo + (hi - lo + 1) // 2
-            take = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0) >= k_eff
-            lo = tl.where(take, mid, lo)
-            hi = tl.where(take, hi, mid - 1)
+    c_lo = n_ranked  # count(o >= lo): every ranked entry's image is >= -2^31 + 1
+    while (lo < hi) & (c_lo != k_eff):  # at most 32 rounds: [-2^31 + 1, 2^31 - 1] halves down to one value
+        mid = lo + (hi - lo + 1) // 2
+        c = tl.sum((o >= mid.to(tl.int32)).to(tl.int32), 0)
+        take = c >= k_eff
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid - 1)
+        c_lo = tl.where(take, c, c_lo)
     t = lo.to(tl.int32)
-    ties_wanted = k_eff - tl.sum((o > t).to(tl.int32), 0)
-    # Ties straddle the k-th slot only if more than k entries are >= t (never after an exact exit): only then do
-    # the pieces rank their ties (a second prefix sum per piece).
-    straddle = tl.sum((o >= t).to(tl.int32), 0) > k_eff
+    # c_lo = count(o >= t) exceeds k only when ties straddle the k-th slot: only then do the pieces rank their ties
+    # (a whole-row count and a second prefix sum per piece).
+    straddle = c_lo > k_eff
+    ties_wanted = k_eff
+    if straddle:
+        ties_wanted = k_eff - tl.sum((o > t).to(tl.int32), 0)
     p_row = PAGES + n.to(tl.int64) * stride_pn + lst * stride_ph
     filled = tl.zeros([], tl.int32)
     ties_seen = tl.zeros([], tl.int32)
@@ -305,7 +297,8 @@ def _ordered_image(s_row, offs, n_ranked):
     """int32 image of the row's fp32 scores at offs that orders like the floats; -2^31 for unranked pages."""
     ranked = offs < n_ranked
     bits = tl.load(s_row + offs, mask=ranked, other=0.0).to(tl.int32, bitcast=True)
-    return tl.where(ranked, tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483648)
+    img = tl.maximum(tl.where(bits >= 0, bits, bits ^ 2147483647), -2147483647)  # -NaN stays above the unranked
+    return tl.where(ranked, img, -2147483648)
 
 
 def _bisect_warps(block: int) -> int:
@@ -462,8 +455,7 @@ def select_top_pages(
         block = max(2, next_pow2(max_pages))
         _bisect_top_pages_kernel[(n, lists)](
             s, seq_lens, pages, s.stride(0), s.stride(1), pages.stride(0), pages.stride(1), page_size, k,
-            BLOCK=block, KP=max(2, next_pow2(k)), TAIL=min(block, BISECT_TAIL), EXACT_EXIT=BISECT_EXACT_EXIT,
-            num_warps=_bisect_warps(block), **({"maxnreg": BISECT_MAXNREG} if BISECT_MAXNREG else {}),
+            BLOCK=block, KP=max(2, next_pow2(k)), TAIL=min(block, BISECT_TAIL), num_warps=_bisect_warps(block),
         )
         return pages
     meta = _reduce_args(s, lists)
