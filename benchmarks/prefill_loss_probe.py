@@ -45,9 +45,9 @@ def parse_config(spec: str):
         return spec, (XAttentionParams("xattention", threshold=(1.0,)), {"full": 1})
     conv = {"threshold": lambda v: tuple(float(x) for x in v.split("/")), "stride": int, "block_size": int,
             "gamma": float, "tau": float, "min_budget": int, "dense_last_block": lambda v: v == "1",
-            "local_window": int, "est_rows": int, "prev_blocks": int,
+            "local_window": int, "est_rows": int, "prev_blocks": int, "remainder": int,
             "layers": lambda v: set(range(int(v.split("-")[0]), int(v.split("-")[1]) + 1))}
-    extra = {k: conv[k](v) for k, v in kw.items() if k in ("local_window", "est_rows", "prev_blocks", "layers")}
+    extra = {k: conv[k](v) for k, v in kw.items() if k in ("local_window", "est_rows", "prev_blocks", "layers", "remainder")}
     base = {k: conv[k](v) for k, v in kw.items() if k not in extra}
     params = XAttentionParams("xattention", **base) if name == "xattention" else FlexPrefillParams("flexprefill", **base)
     return spec, (params, extra)
@@ -109,12 +109,26 @@ class Probe:
         q0 = kv_len - q_len
         qb0 = q0 // bs
         pos_k = torch.arange(kv_len)
+        remainder = self.extra.get("remainder", 0)
+        if remainder:  # experimental: one pseudo-key per skipped block, its mean K and V, weighted by its size
+            nfull = kv_len // bs
+            kbar = kr[:, :nfull * bs].reshape(kr.shape[0], nfull, bs, -1).mean(2)
+            vbar = vr[:, :nfull * bs].reshape(vr.shape[0], nfull, bs, -1).mean(2)
         for t in range(m.shape[1]):
             r0, r1 = max(q0, (qb0 + t) * bs), min(kv_len, (qb0 + t + 1) * bs)
             allowed = m[:, t].repeat_interleave(bs, -1)[:, None, :r1]  # [H, 1, r1]
             allowed = allowed & (pos_k[None, None, :r1] <= torch.arange(r0, r1)[None, :, None])
+            kk, vv = kr[:, :r1], vr[:, :r1]
+            if remainder and qb0 + t > 0:
+                nb = min(nfull, qb0 + t)  # whole blocks before this query block
+                skipped = ~m[:, t, :nb]  # [H, nb]
+                bias = torch.zeros(allowed.shape[0], r1 - r0, r1 + nb, dtype=q.dtype)
+                bias[..., :r1] = torch.where(allowed, 0.0, float("-inf"))
+                bias[..., r1:] = torch.where(skipped, float(torch.log(torch.tensor(float(bs)))), float("-inf"))[:, None, :]
+                allowed = bias
+                kk, vv = torch.cat([kk, kbar[:, :nb]], 1), torch.cat([vv, vbar[:, :nb]], 1)
             o = torch.nn.functional.scaled_dot_product_attention(
-                qh[0, :, r0 - q0:r1 - q0], kr[:, :r1], vr[:, :r1], attn_mask=allowed, scale=self.layer.scale)
+                qh[0, :, r0 - q0:r1 - q0], kk, vv, attn_mask=allowed, scale=self.layer.scale)
             out[start + r0 - q0:start + r1 - q0] = o.transpose(0, 1)
         causal = (qb0 + torch.arange(m.shape[1]))[:, None] >= torch.arange(m.shape[2])[None, :]
         n0, n1 = self.needle
@@ -172,6 +186,7 @@ def main() -> None:
     ap.add_argument("--indices", type=int, nargs="+", required=True)
     ap.add_argument("--configs", nargs="+", default=["dense", "xattention", "flexprefill"])
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--max-tokens", type=int, default=12)
     args = ap.parse_args()
@@ -184,7 +199,7 @@ def main() -> None:
     llm = LLM(device="cpu", dtype=args.dtype, max_model_len=min(8192, n), max_num_batched_tokens=8192,
               enforce_eager=True, kv_cache_config={"max_tokens": n + 64, "enable_prefix_caching": False})
     task = get_task(args.task, args.length)
-    samples = make_samples(task, llm.tokenizer, max(args.indices) + 1, 0, progress=False)
+    samples = make_samples(task, llm.tokenizer, max(args.indices) + 1, args.seed, progress=False)
     results = []
     for i in args.indices:
         s = samples[i]

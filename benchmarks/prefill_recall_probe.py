@@ -41,7 +41,7 @@ def parse(spec: str):
     kw = {"algorithm": "xattention" if row_groups else name}
     for item in filter(None, rest.split(",")):
         key, val = item.split("=")
-        kw[key] = float(val) if "." in val else int(val)
+        kw[key] = val if val.isalpha() else float(val) if "." in val else int(val)
     return parse_sparse_config(kw), row_groups
 
 
@@ -92,9 +92,9 @@ class Recorder(AttentionBackend):
     algorithms = frozenset({"recall_probe"})
     devices = frozenset({"cpu", "cuda"})
 
-    def __init__(self, layer, configs: dict, layers: set[int], out: dict, worst: int = 0):
+    def __init__(self, layer, configs: dict, layers: set[int], out: dict, worst: int = 0, targets: int = 0):
         super().__init__(layer, None)
-        self.configs, self.layers, self.out, self.worst = configs, layers, out, worst
+        self.configs, self.layers, self.out, self.worst, self.targets = configs, layers, out, worst, targets
 
     def forward(self, q, k, v, cache, meta):
         kv = cache["kv"]
@@ -135,6 +135,12 @@ class Recorder(AttentionBackend):
                 res[name]["worst"] = [{"head": int(i) // s, "row": int(i) % s, "recall": round(float(v), 3),
                                        "row_in_block": int(i) % s % self.configs[name][0].block_size}
                                       for v, i in zip(vals, idx)]
+                for w in res[name]["worst"] if self.targets else []:  # where the starved row's mass goes
+                    hh, row = w["head"], w["row"]
+                    sc = (qh[0, hh, row] @ kr[hh, : row + 1].T) * self.layer.scale
+                    p = torch.softmax(sc, -1)
+                    pv, pi = p.topk(min(self.targets, row + 1))
+                    w["targets"] = [(int(j), round(float(x), 3)) for x, j in zip(pv, pi)]
         return res
 
 
@@ -147,6 +153,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 8, 14, 20, 26])
     ap.add_argument("--configs", nargs="+", default=["xattention", "flexprefill"])
     ap.add_argument("--worst", type=int, default=0, help="also list the N (head, row) pairs with the least recall")
+    ap.add_argument("--targets", type=int, default=0, help="with --worst: each listed row's K keys of most mass")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -161,7 +168,7 @@ def main() -> None:
     sample = make_samples(task, llm.tokenizer, args.index + 1, args.seed, progress=False)[args.index]
     configs = {spec: parse(spec) for spec in args.configs}
     out: dict = {}
-    with swapped_backends(llm, lambda spec: Recorder(spec, configs, set(args.layers), out, args.worst)):
+    with swapped_backends(llm, lambda spec: Recorder(spec, configs, set(args.layers), out, args.worst, args.targets)):
         llm.generate([sample.prompt_token_ids], SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
     llm.close()
     print(f"{args.task} {args.length} sample {args.index} (seed {args.seed}): {len(sample.prompt_token_ids)} tokens")
@@ -172,7 +179,8 @@ def main() -> None:
             print(f"{spec:<36} {li:>5} {r['density']:8.3f} {r['recall_mean']:8.4f} {r['recall_p01']:6.3f} "
                   f"{r['recall_p10']:6.3f}")
             for w in r.get("worst", []):
-                print(f"    head {w['head']} row {w['row']} (row {w['row_in_block']} of its block): recall {w['recall']}")
+                print(f"    head {w['head']} row {w['row']} (row {w['row_in_block']} of its block): recall {w['recall']}"
+                      + (f"  top keys {w['targets']}" if "targets" in w else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "layers": out}, f, indent=1)

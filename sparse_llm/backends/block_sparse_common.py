@@ -9,6 +9,7 @@ Frontier's sparsity), per phase and per sequence.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -25,6 +26,13 @@ from sparse_llm.sparse.block_selection import (
     token_mask,
 )
 from sparse_llm.sparse.block_sparse_torch import block_sparse_sequence, masked_attention, slice_selection
+from sparse_llm.sparse.skipped_blocks import (
+    block_means,
+    merge_attention,
+    skipped_block_attention,
+    skipped_flags,
+    skipped_pairs,
+)
 
 # Query rows per decode tile of the Triton kernel (tl.dot needs 16); only the first row is real.
 DECODE_ROWS = 16
@@ -94,16 +102,25 @@ class BlockSparseBackend(AttentionBackend):
         block = sel.block_size if sel is not None else self.dense_block
         tiles = prefill_tiles([q_len], [kv_len], block, q.device)
         tiles = QueryTiles(torch.full_like(tiles.seq, i), tiles.start, tiles.rows)
+        means = sel is not None and getattr(self.params, "skipped_blocks", "drop") == "mean"
+        lse1 = None
         if self.use_triton:
             from sparse_llm.kernels.block_sparse_prefill import block_sparse_attention_launch
 
+            lse_out = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device) if means else None
             block_sparse_attention_launch(
                 q, 0, meta.cu_seqlens_q.to(torch.int32), out, 0, kv[:, 0], kv[:, 1], meta.block_tables,
                 (meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]).to(torch.int32), meta.seq_lens, tiles, sel,
-                self.layer.scale, dense_block=block, contiguous_pages=True,
+                self.layer.scale, dense_block=block, contiguous_pages=True, lse_out=lse_out,
             )
+            if means:
+                lse1 = lse_out[start:start + q_len] * math.log(2.0)
+        elif means:
+            out[start:start + q_len], lse1 = block_sparse_sequence(qi, k, v, self.layer.scale, tiles, sel, i,
+                                                                   return_lse=True)
         else:
             out[start:start + q_len] = block_sparse_sequence(qi, k, v, self.layer.scale, tiles, sel, i)
+        extra_pairs = self._skipped_block_means(qi, k, v, tiles, sel, lse1, kv_len, out[start:start + q_len]) if means else 0
         lens_q = torch.tensor([q_len], device=q.device)
         lens_k = torch.tensor([kv_len], device=q.device)
         if sel is None:
@@ -111,8 +128,18 @@ class BlockSparseBackend(AttentionBackend):
         else:
             local = QueryTiles(torch.zeros_like(tiles.seq), tiles.start, tiles.rows)
             t, a = per_sequence_pairs(local, sel, lens_q, lens_k, self.layer.num_heads)
-            total, attended = int(t[0]), int(a[0])
+            total, attended = int(t[0]), int(a[0]) + extra_pairs
         self._count(meta, i, "prefill", total, attended)
+
+    def _skipped_block_means(self, q, k, v, tiles, sel, lse1, kv_len, out) -> int:
+        """Merge the pseudo-keys of the skipped blocks (sparse/skipped_blocks.py) into `out` (this sequence's
+        rows, normalised over the listed keys with log-sum-exp lse1); returns their work in pairs."""
+        bs = sel.block_size
+        kbar, vbar = block_means(k, v, bs)
+        skipped = skipped_flags(sel, tiles.start, kbar.shape[0])
+        o2, lse2 = skipped_block_attention(q, kbar, vbar, tiles.start, skipped, self.layer.scale, bs, kv_len)
+        out.copy_(merge_attention(out.to(o2.dtype), lse1.to(o2.dtype), o2, lse2.to(o2.dtype)))
+        return skipped_pairs(skipped, tiles.start, tiles.rows, q.shape[0], kv_len, self.layer.num_heads)
 
     def _decodes(self, q, cache, meta, seq_lens, out) -> None:
         kv = cache["kv"]

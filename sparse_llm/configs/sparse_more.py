@@ -31,6 +31,7 @@ class XAttentionParams(LayerSparseParams):
     seq_len_threshold: int | None = None
     dense_last_block: bool = False
     local_window: int = 0
+    skipped_blocks: str = "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class FlexPrefillParams(LayerSparseParams):
     seq_len_threshold: int | None = None
     dense_last_block: bool = False
     local_window: int = 0
+    skipped_blocks: str = "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,14 @@ _DENSE_LAYERS_PREFILL = Field(
     "prefill's errors in the lowest layers reach every later layer through the prompt's keys and values. 0 = every "
     "layer sparse.",
 )
+_SKIPPED_BLOCKS = Field(
+    "drop",
+    description="Not in the papers. 'drop': a query row attends only the blocks its query block kept (the papers). "
+    "'mean': every block wholly before the query block that was not kept also enters the row's softmax as one "
+    "pseudo-key, its mean key and mean value weighted by its size -- a floor for rows whose attention the block "
+    "estimate does not see (on SmolLM2 some rows keep 3-10% of their mass; docs/algorithms.md, session 8). "
+    "Costs one key per skipped block (1/block_size of the skipped work, counted in the sparsity).",
+)
 _DENSE_LAST_BLOCK = Field(
     False,
     description="Not in the paper. Give the last query block of each prefill chunk every causal key block. The prompt's "
@@ -140,6 +150,7 @@ class XAttentionConfig(BaseSparseAttentionConfig):
     dense_last_block: bool = _DENSE_LAST_BLOCK
     local_window: int = _LOCAL_WINDOW
     dense_layers: int = _DENSE_LAYERS_PREFILL
+    skipped_blocks: Literal["drop", "mean"] = _SKIPPED_BLOCKS
 
     @field_validator("threshold")
     @classmethod
@@ -180,6 +191,7 @@ class FlexPrefillConfig(BaseSparseAttentionConfig):
         128, ge=0, description=_LOCAL_WINDOW.description + " FlexPrefill's default is 128 (not in the paper: 0), "
         "which halved its loss on SmolLM2's 4K multikey needles (docs/algorithms.md, session 6).")
     dense_layers: int = _DENSE_LAYERS_PREFILL
+    skipped_blocks: Literal["drop", "mean"] = _SKIPPED_BLOCKS
 
     @model_validator(mode="after")
     def _budgets(self) -> "FlexPrefillConfig":
@@ -326,12 +338,12 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
             )
         return XAttentionParams("xattention", threshold=thr, stride=cfg.stride, block_size=cfg.block_size,
                                 seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block,
-                                local_window=cfg.local_window)
+                                local_window=cfg.local_window, skipped_blocks=cfg.skipped_blocks)
     if isinstance(cfg, FlexPrefillConfig):
         return FlexPrefillParams("flexprefill", gamma=cfg.gamma, tau=cfg.tau, min_budget=cfg.min_budget,
                                  max_budget=cfg.max_budget, block_size=cfg.block_size,
                                  seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block,
-                                 local_window=cfg.local_window)
+                                 local_window=cfg.local_window, skipped_blocks=cfg.skipped_blocks)
     if isinstance(cfg, VerticalSlashConfig):
         return VerticalSlashParams("vertical_slash", vertical_size=cfg.vertical_size, slash_size=cfg.slash_size,
                                    last_q=cfg.last_q, sink_tokens=cfg.sink_tokens,

@@ -136,7 +136,7 @@ def _block_sparse_kernel(
     SEL_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_COLS: tl.constexpr, DENSE: tl.constexpr, CONTIG: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr = False,
 ):
     # grid = (num_tiles, num_heads, NUM_SPLITS); the longest (last) tiles start first.
     tile = num_tiles - 1 - tl.program_id(0)
@@ -216,6 +216,9 @@ def _block_sparse_kernel(
     if NUM_SPLITS == 1:
         o_ptrs = O + seq.to(tl.int64) * stride_ob + tok.to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+        if STORE_LSE:  # log2-sum-exp of the listed scores, for a later merge (skipped-block means)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+            tl.store(LSE_PART + tok.to(tl.int64) * stride_lt + h * stride_lh, lse, mask=row_valid)
     else:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         p_ptrs = O_PART + split * stride_ps + tok.to(tl.int64)[:, None] * stride_pt + h * stride_ph + offs_d[None, :]
@@ -263,6 +266,7 @@ def block_sparse_attention_launch(
     dense_block: int | None = None,
     num_splits: int = 1,
     contiguous_pages: bool = False,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel. Tensors, all on one device:
 
@@ -274,6 +278,8 @@ def block_sparse_attention_launch(
     selection: None = dense causal, with `dense_block` keys per listed block.
     contiguous_pages: every page holds a whole sequence (one-page-per-sequence layout) or the page
       size is a multiple of the key tile, so a tile never straddles pages (faster loads).
+    lse_out: float32 [T, H] on q's token axis (single-split launches): also store each row's log2-sum-exp
+      of its listed scores (-inf where nothing was listed).
     """
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_kv_heads = k_pages.shape[2]
@@ -322,6 +328,10 @@ def block_sparse_attention_launch(
     else:
         o_part = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(1, 1, 1, dtype=torch.float32, device=q.device)
+    if lse_out is not None:
+        if num_splits > 1 or lse_out.dtype != torch.float32 or lse_out.dim() != 2 or q.dim() != 3:
+            raise ValueError("lse_out must be float32 [T, H] of a single-split launch with packed q [T, H, D]")
+        lse_part = lse_out[None]
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (tiles.num_tiles, num_heads, num_splits)
     _block_sparse_kernel[grid](
@@ -343,7 +353,7 @@ def block_sparse_attention_launch(
         SEL_BLOCK=sel_block,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_COLS=has_cols, DENSE=dense, CONTIG=contig,
-        NUM_SPLITS=num_splits, DOT_PRECISION=precision,
+        NUM_SPLITS=num_splits, DOT_PRECISION=precision, STORE_LSE=lse_out is not None,
     )
     if num_splits > 1:
         out.copy_(merge_splits(o_part, lse_part, out.dtype))

@@ -23,11 +23,13 @@ def masked_attention(
     tile_start: torch.Tensor | None,
     row_mask: torch.Tensor | None,
     compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One sequence: q [Lq, H, D] are the last Lq positions of k/v [Lk, Hkv, D].
 
     tile_start [nt] (ascending) and row_mask [nt, Hs, Lk] say which keys the tile containing each query
-    lists (None = dense causal). Returns [Lq, H, Dv] in q's dtype.
+    lists (None = dense causal). Returns [Lq, H, Dv] in q's dtype, and with return_lse the rows' natural
+    log-sum-exp of the allowed scores [Lq, H] in the compute dtype (-inf for a row with nothing allowed).
     """
     lq, h, d = q.shape
     lk, hkv, dv = v.shape
@@ -42,6 +44,7 @@ def masked_attention(
     keys = torch.arange(lk, device=dev)
     qpos = torch.arange(lk - lq, lk, device=dev)
     out = torch.empty(lq, h, dv, dtype=q.dtype, device=dev)
+    lse = torch.empty(lq, h, dtype=cd, device=dev) if return_lse else None
     chunk = max(1, MAX_CHUNK_ELEMENTS // max(1, h * lk))
     for c0 in range(0, lq, chunk):
         c1 = min(lq, c0 + chunk)
@@ -61,7 +64,10 @@ def masked_attention(
         pr = e / torch.where(den == 0, torch.ones_like(den), den)
         o = torch.einsum("kgqn,knd->kgqd", pr, vv)  # [Hkv, G, n, Dv]
         out[c0:c1] = o.reshape(h, c1 - c0, dv).transpose(0, 1).to(q.dtype)
-    return out
+        if return_lse:
+            row = torch.where(den == 0, float("-inf"), mx + torch.log(torch.where(den == 0, torch.ones_like(den), den)))
+            lse[c0:c1] = row.reshape(h, c1 - c0).transpose(0, 1)
+    return (out, lse) if return_lse else out
 
 
 def sequence_rows(tiles: QueryTiles, seq: int) -> slice:
@@ -81,16 +87,18 @@ def block_sparse_sequence(
     selection: BlockSelection | None,
     seq: int,
     compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Attention of sequence `seq` (q [Lq, H, D], k/v [Lk, Hkv, D]) under its rows of `selection`."""
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of sequence `seq` (q [Lq, H, D], k/v [Lk, Hkv, D]) under its rows of `selection`
+    (with return_lse, also the natural log-sum-exp [Lq, H]: see masked_attention)."""
     if selection is None:
-        return masked_attention(q, k, v, scale, None, None, compute_dtype)
+        return masked_attention(q, k, v, scale, None, None, compute_dtype, return_lse)
     sl = sequence_rows(tiles, seq)
     hs = selection.num_heads
     sub = slice_selection(selection, sl.start * hs, sl.stop * hs)
     sub_tiles = QueryTiles(tiles.seq[sl], tiles.start[sl], tiles.rows)
     mask = token_mask(sub_tiles, sub, k.shape[0])
-    return masked_attention(q, k, v, scale, tiles.start[sl], mask, compute_dtype)
+    return masked_attention(q, k, v, scale, tiles.start[sl], mask, compute_dtype, return_lse)
 
 
 def slice_selection(sel: BlockSelection, row_lo: int, row_hi: int) -> BlockSelection:
