@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synthetic_attention import PROFILES, synthetic_qkv  # noqa: E402
 
 from sparse_llm import ops  # noqa: E402
+from sparse_llm.configs.sparse_more import FlexPrefillConfig, XAttentionConfig  # noqa: E402
 from sparse_llm.kernels.block_sparse_prefill import (  # noqa: E402
     batched_block_sparse_attention,
     block_sparse_attention_launch,
@@ -81,9 +82,11 @@ def dense_sdpa(q, k, v):
 def prefill_algorithms(args):
     return {
         "xattention": lambda q, k, v, impl: ops.xattention_prefill(
-            q, k, v, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation=impl),
+            q, k, v, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation=impl,
+            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block),
         "flexprefill": lambda q, k, v, impl: ops.flexprefill_prefill(
-            q, k, v, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget, implementation=impl),
+            q, k, v, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget, implementation=impl,
+            local_window=args.flex_local_window, dense_last_block=args.flex_dense_last_block),
         "vertical_slash": lambda q, k, v, impl: ops.vertical_slash_prefill(
             q, k, v, args.vertical_size, args.slash_size, block_size=args.vs_block, implementation=impl),
     }
@@ -93,9 +96,11 @@ def selections(args):
     """(estimator producing the index lists, block size) per algorithm: the first half of each ops call."""
     return {
         "xattention": (lambda q, k: ops.xattention_selection(
-            q, k, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation="triton"), args.block),
+            q, k, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation="triton",
+            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block), args.block),
         "flexprefill": (lambda q, k: ops.flexprefill_selection(
-            q, k, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget), args.block),
+            q, k, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget,
+            local_window=args.flex_local_window, dense_last_block=args.flex_dense_last_block), args.block),
         "vertical_slash": (lambda q, k: ops.vertical_slash_selection(
             q, k, args.vertical_size, args.slash_size, block_size=args.vs_block), args.vs_block),
     }
@@ -249,6 +254,11 @@ def main(argv=None) -> dict:
     p.add_argument("--gamma", type=float, default=0.9)
     p.add_argument("--tau", type=float, default=0.1)
     p.add_argument("--min-budget", type=int, default=1024)
+    xatt, flex = XAttentionConfig(), FlexPrefillConfig()  # the library's defaults, so a plain run measures them
+    p.add_argument("--xatt-local-window", type=int, default=xatt.local_window)
+    p.add_argument("--xatt-dense-last-block", action=argparse.BooleanOptionalAction, default=xatt.dense_last_block)
+    p.add_argument("--flex-local-window", type=int, default=flex.local_window)
+    p.add_argument("--flex-dense-last-block", action=argparse.BooleanOptionalAction, default=flex.dense_last_block)
     p.add_argument("--vertical-size", type=int, default=1000)
     p.add_argument("--slash-size", type=int, default=6096)
     p.add_argument("--decode-len", type=int, default=131072)
@@ -268,6 +278,7 @@ def main(argv=None) -> dict:
         args.block, args.vs_block, args.stride, args.min_budget = 16, 16, 4, 16
         args.vertical_size, args.slash_size, args.check_len = 8, 8, 64
         args.decode_len, args.quest_budget, args.tolerance = 256, 64, 1e-4
+        args.xatt_local_window, args.flex_local_window = min(args.xatt_local_window, 16), min(args.flex_local_window, 16)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --cpu-smoke, or on the GPU host")
@@ -280,7 +291,8 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "triton": triton.__version__,
         "shapes": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype)},
         "params": {k: getattr(args, k) for k in ("threshold", "stride", "block", "gamma", "tau", "min_budget",
-                                                 "vertical_size", "slash_size", "vs_block", "quest_budget")},
+                                                 "xatt_local_window", "xatt_dense_last_block", "flex_local_window",
+                                                 "flex_dense_last_block", "vertical_size", "slash_size", "vs_block", "quest_budget")},
         "sparsity_definition": "The Sparse Frontier: fraction of causal (query, key) pairs over all query heads "
                                "not computed, counted from the kernel's index lists (decode: KV tokens not attended)",
     }

@@ -22,6 +22,8 @@ from sparse_llm.sparse.block_selection import (
     batched_tiles,
     per_sequence_pairs,
     selection_from_masks,
+    with_dense_last_query_block,
+    with_local_window,
 )
 
 IMPLEMENTATIONS = ("auto", "triton", "torch")
@@ -77,6 +79,12 @@ def _run_selection(q, k, v, selection: BlockSelection, block_size: int, scale: f
     return out, 1.0 - float(attended.sum()) / float(total.sum())
 
 
+def _widened(mask: torch.Tensor, first_block: int, local_window: int, dense_last_block: bool, block_size: int):
+    """The estimators' [B, H, nqb, nkb] mask plus the library's two additions, exactly as the backends add them."""
+    mask = with_local_window(mask, first_block, local_window, block_size)
+    return with_dense_last_query_block(mask) if dense_last_block else mask
+
+
 def _tiles_first(mask: torch.Tensor) -> torch.Tensor:
     """[B, H, nqb, nkb] -> [B * nqb, H, nkb]: rows ordered tile-major as the kernel reads them."""
     return mask.transpose(1, 2).reshape(-1, mask.shape[1], mask.shape[3])
@@ -128,14 +136,16 @@ def xattention_selection(
     block_size: int = 128,
     scale: float | None = None,
     implementation: str = "auto",
+    local_window: int = 0,
+    dense_last_block: bool = False,
 ) -> BlockSelection:
     """XAttention's index lists for q [B, H, Sq, D] over k [B, Hkv, Sk, D] (see xattention_prefill)."""
     from sparse_llm.sparse.xattention import xattention_block_mask
 
-    mask, _ = xattention_block_mask(
+    mask, qb0 = xattention_block_mask(
         q, k, _scale(scale, q.shape[-1]), threshold, stride, block_size, use_triton=_use_triton(implementation, q.device)
     )
-    return selection_from_masks(_tiles_first(mask), block_size)
+    return selection_from_masks(_tiles_first(_widened(mask, qb0, local_window, dense_last_block, block_size)), block_size)
 
 
 def flexprefill_selection(
@@ -147,14 +157,16 @@ def flexprefill_selection(
     min_budget: int = 1024,
     max_budget: int | None = None,
     scale: float | None = None,
+    local_window: int = 128,
+    dense_last_block: bool = True,
 ) -> BlockSelection:
     """FlexPrefill's index lists (see flexprefill_prefill)."""
     from sparse_llm.sparse.flexprefill import flexprefill_block_mask
 
     if not 0 < gamma <= 1 or not tau >= 0:
         raise ValueError(f"flexprefill: gamma must be in (0, 1] and tau >= 0, got gamma={gamma}, tau={tau}")
-    mask, _, _ = flexprefill_block_mask(q, k, _scale(scale, q.shape[-1]), gamma, tau, min_budget, max_budget, block_size)
-    return selection_from_masks(_tiles_first(mask), block_size)
+    mask, qb0, _ = flexprefill_block_mask(q, k, _scale(scale, q.shape[-1]), gamma, tau, min_budget, max_budget, block_size)
+    return selection_from_masks(_tiles_first(_widened(mask, qb0, local_window, dense_last_block, block_size)), block_size)
 
 
 def vertical_slash_selection(
@@ -190,11 +202,14 @@ def xattention_prefill(
     block_size: int = 128,
     scale: float | None = None,
     implementation: str = "auto",
+    local_window: int = 0,
+    dense_last_block: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """XAttention: antidiagonal block scoring, blocks kept up to `threshold` of the estimated mass
-    (a scalar or one value per query head); sink and diagonal blocks always kept."""
+    (a scalar or one value per query head); sink and diagonal blocks always kept. `local_window` and
+    `dense_last_block` as in XAttentionConfig (the defaults here are the config's)."""
     _check_qkv(q, k, v)
-    sel = xattention_selection(q, k, threshold, stride, block_size, scale, implementation)
+    sel = xattention_selection(q, k, threshold, stride, block_size, scale, implementation, local_window, dense_last_block)
     return _run_selection(q, k, v, sel, block_size, _scale(scale, q.shape[-1]), implementation)
 
 
@@ -209,11 +224,14 @@ def flexprefill_prefill(
     max_budget: int | None = None,
     scale: float | None = None,
     implementation: str = "auto",
+    local_window: int = 128,
+    dense_last_block: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """FlexPrefill: per head, query-aware blocks or vertical-slash blocks covering `gamma` of the
-    attention, switched by sqrt(JS divergence) < tau; budgets in tokens."""
+    attention, switched by sqrt(JS divergence) < tau; budgets in tokens. `local_window` and
+    `dense_last_block` as in FlexPrefillConfig (the defaults here are the config's; the paper: 0 / False)."""
     _check_qkv(q, k, v)
-    sel = flexprefill_selection(q, k, gamma, tau, block_size, min_budget, max_budget, scale)
+    sel = flexprefill_selection(q, k, gamma, tau, block_size, min_budget, max_budget, scale, local_window, dense_last_block)
     return _run_selection(q, k, v, sel, block_size, _scale(scale, q.shape[-1]), implementation)
 
 

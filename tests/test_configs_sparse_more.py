@@ -37,7 +37,7 @@ def test_yaml_bodies_parse_and_lower():
         lower_more(cfg, num_heads=9)
     cfg = union.validate_python({"algorithm": "flexprefill"})
     assert lower_more(cfg, 9) == FlexPrefillParams("flexprefill", gamma=0.9, tau=0.1, min_budget=1024, block_size=128,
-                                                   local_window=128)
+                                                   local_window=128, dense_last_block=True)
     cfg = union.validate_python({"algorithm": "vertical_slash", "vertical_size": 100, "slash_size": 200})
     assert lower_more(cfg, 9) == VerticalSlashParams("vertical_slash", vertical_size=100, slash_size=200)
     cfg = union.validate_python({"algorithm": "quest", "token_budget": 1024})
@@ -45,10 +45,11 @@ def test_yaml_bodies_parse_and_lower():
                                              minmax_cache_dtype="float8_e5m2")
     assert dense_layer_indices(cfg, list(range(30))) == {0, 1}
     assert dense_layer_indices(XAttentionConfig(), list(range(30))) == set()
-    for algo, params_cls in (("xattention", XAttentionParams), ("flexprefill", FlexPrefillParams)):
-        lowered = lower_more(union.validate_python({"algorithm": algo, "dense_last_block": True}), 9)
-        assert isinstance(lowered, params_cls) and lowered.dense_last_block
-        assert not lower_more(union.validate_python({"algorithm": algo}), 9).dense_last_block
+    for algo, params_cls, default in (("xattention", XAttentionParams, False), ("flexprefill", FlexPrefillParams, True)):
+        for value in (True, False):
+            lowered = lower_more(union.validate_python({"algorithm": algo, "dense_last_block": value}), 9)
+            assert isinstance(lowered, params_cls) and lowered.dense_last_block is value
+        assert lower_more(union.validate_python({"algorithm": algo}), 9).dense_last_block is default
 
 
 @pytest.mark.parametrize("cls,kwargs,match", [

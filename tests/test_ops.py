@@ -16,12 +16,12 @@ from sparse_llm.sparse.xattention import xattention_block_mask
 B, H, HKV, S, D, BS = 2, 4, 2, 70, 16, 16
 
 
-def inputs(seed, sq=S, dtype=torch.float32):
+def inputs(seed, sq=S, dtype=torch.float32, sk=S):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, sq, D, generator=g)
-    k = torch.randn(B, HKV, S, D, generator=g)
+    k = torch.randn(B, HKV, sk, D, generator=g)
     k[:, :, :2] *= 4  # sinks
-    v = torch.randn(B, HKV, S, D, generator=g)
+    v = torch.randn(B, HKV, sk, D, generator=g)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
@@ -59,13 +59,63 @@ def test_xattention_prefill(sq):
 
 def test_flexprefill_prefill():
     q, k, v = inputs(2)
-    out, sp = ops.flexprefill_prefill(q, k, v, gamma=0.8, tau=0.3, block_size=BS, min_budget=16)
+    paper = dict(local_window=0, dense_last_block=False)
+    out, sp = ops.flexprefill_prefill(q, k, v, gamma=0.8, tau=0.3, block_size=BS, min_budget=16, **paper)
     mask, _, aware = flexprefill_block_mask(q, k, D**-0.5, 0.8, 0.3, 16, None, BS)
     ref, ref_sp = masked_reference(q, k, v, block_keymask(mask, S, S, BS))
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
     assert sp == pytest.approx(ref_sp, abs=1e-12) and sp > 0
-    out_t, _ = ops.flexprefill_prefill(q, k, v, gamma=0.8, tau=0.3, block_size=BS, min_budget=16, implementation="triton")
+    out_t, _ = ops.flexprefill_prefill(q, k, v, gamma=0.8, tau=0.3, block_size=BS, min_budget=16, implementation="triton",
+                                       **paper)
     torch.testing.assert_close(out_t, out, rtol=3e-5, atol=3e-5)
+
+
+def widened_keymask(mask, sq, sk, bs, window, last_block):
+    """Independent of the library: row at absolute position p also sees every key from the block holding
+    position (first row of p's block) - window; with last_block the last query block sees every causal key."""
+    keymask = block_keymask(mask, sq, sk, bs).clone()
+    for r, p in enumerate(range(sk - sq, sk)):
+        start = (p // bs) * bs
+        lo = (max(start - window, 0) // bs) * bs
+        keymask[:, :, r, lo:] = True
+        if last_block and p // bs == (sk - 1) // bs:
+            keymask[:, :, r, :] = True
+    return keymask
+
+
+@pytest.mark.parametrize("algorithm", ["xattention", "flexprefill"])
+@pytest.mark.parametrize("sq", [171, 77])
+def test_local_window_and_dense_last_block(algorithm, sq):
+    sk = 171  # 11 blocks: room for the additions to leave pairs out
+    q, k, v = inputs(5, sq, sk=sk)
+    window = 20  # reaches two blocks back for a block's first rows
+    if algorithm == "xattention":
+        extra = dict(threshold=0.5, stride=4, block_size=BS)
+        mask, _ = xattention_block_mask(q, k, D**-0.5, 0.5, 4, BS, use_triton=False)
+        fn = ops.xattention_prefill
+    else:
+        extra = dict(gamma=0.5, tau=0.3, block_size=BS, min_budget=16)
+        mask, _, _ = flexprefill_block_mask(q, k, D**-0.5, 0.5, 0.3, 16, None, BS)
+        fn = ops.flexprefill_prefill
+    out, sp = fn(q, k, v, local_window=window, dense_last_block=True, **extra)
+    ref, ref_sp = masked_reference(q, k, v, widened_keymask(mask, sq, sk, BS, window, True))
+    torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    assert sp == pytest.approx(ref_sp, abs=1e-12) and sp > 0
+    _, sp_plain = fn(q, k, v, local_window=0, dense_last_block=False, **extra)
+    assert sp_plain > sp  # the additions attend more pairs on this input
+
+
+def test_ops_defaults_are_the_configs():
+    import inspect
+
+    from sparse_llm.configs.sparse_more import FlexPrefillConfig, XAttentionConfig
+
+    for fns, cfg in (((ops.xattention_prefill, ops.xattention_selection), XAttentionConfig()),
+                     ((ops.flexprefill_prefill, ops.flexprefill_selection), FlexPrefillConfig())):
+        for fn in fns:
+            params = inspect.signature(fn).parameters
+            for name in ("local_window", "dense_last_block", "block_size"):
+                assert params[name].default == getattr(cfg, name), (fn.__name__, name)
 
 
 def test_vertical_slash_prefill():
