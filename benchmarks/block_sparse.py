@@ -83,7 +83,8 @@ def prefill_algorithms(args):
     return {
         "xattention": lambda q, k, v, impl: ops.xattention_prefill(
             q, k, v, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation=impl,
-            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block),
+            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block,
+            vertical_gamma=args.xatt_vertical_gamma),
         "flexprefill": lambda q, k, v, impl: ops.flexprefill_prefill(
             q, k, v, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget, implementation=impl,
             local_window=args.flex_local_window, dense_last_block=args.flex_dense_last_block),
@@ -97,7 +98,8 @@ def selections(args):
     return {
         "xattention": (lambda q, k: ops.xattention_selection(
             q, k, threshold=args.threshold, stride=args.stride, block_size=args.block, implementation="triton",
-            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block), args.block),
+            local_window=args.xatt_local_window, dense_last_block=args.xatt_dense_last_block,
+            vertical_gamma=args.xatt_vertical_gamma), args.block),
         "flexprefill": (lambda q, k: ops.flexprefill_selection(
             q, k, gamma=args.gamma, tau=args.tau, block_size=args.block, min_budget=args.min_budget,
             local_window=args.flex_local_window, dense_last_block=args.flex_dense_last_block), args.block),
@@ -257,6 +259,7 @@ def main(argv=None) -> dict:
     xatt, flex = XAttentionConfig(), FlexPrefillConfig()  # the library's defaults, so a plain run measures them
     p.add_argument("--xatt-local-window", type=int, default=xatt.local_window)
     p.add_argument("--xatt-dense-last-block", action=argparse.BooleanOptionalAction, default=xatt.dense_last_block)
+    p.add_argument("--xatt-vertical-gamma", type=float, default=xatt.vertical_gamma)
     p.add_argument("--flex-local-window", type=int, default=flex.local_window)
     p.add_argument("--flex-dense-last-block", action=argparse.BooleanOptionalAction, default=flex.dense_last_block)
     p.add_argument("--vertical-size", type=int, default=1000)
@@ -291,7 +294,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "triton": triton.__version__,
         "shapes": {"heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype)},
         "params": {k: getattr(args, k) for k in ("threshold", "stride", "block", "gamma", "tau", "min_budget",
-                                                 "xatt_local_window", "xatt_dense_last_block", "flex_local_window",
+                                                 "xatt_local_window", "xatt_dense_last_block", "xatt_vertical_gamma", "flex_local_window",
                                                  "flex_dense_last_block", "vertical_size", "slash_size", "vs_block", "quest_budget")},
         "sparsity_definition": "The Sparse Frontier: fraction of causal (query, key) pairs over all query heads "
                                "not computed, counted from the kernel's index lists (decode: KV tokens not attended)",

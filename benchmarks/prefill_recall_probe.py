@@ -26,9 +26,9 @@ from smollm2_capture import swapped_backends  # noqa: E402
 from sparse_llm.backends.base import AttentionBackend, write_kv  # noqa: E402
 from sparse_llm.backends.torch_dense import gather_kv, paged_attention_torch  # noqa: E402
 from sparse_llm.configs.sparse import parse_sparse_config  # noqa: E402
-from sparse_llm.sparse.block_selection import with_local_window  # noqa: E402
+from sparse_llm.sparse.block_selection import with_local_window, with_vertical_blocks  # noqa: E402
 from sparse_llm.sparse.flexprefill import flexprefill_block_mask  # noqa: E402
-from sparse_llm.sparse.xattention import xattention_block_mask  # noqa: E402
+from sparse_llm.sparse.xattention import last_block_vertical_blocks, xattention_block_mask  # noqa: E402
 
 ROW_CHUNK = 128  # query rows per dense-softmax chunk
 
@@ -81,6 +81,8 @@ def block_mask(cfg, row_groups, q, k, scale):
         m, qb0 = row_group_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size)
     elif cfg.algorithm == "xattention":
         m, qb0 = xattention_block_mask(q, k, scale, cfg.threshold, cfg.stride, cfg.block_size, use_triton=False)
+        if cfg.vertical_gamma > 0:
+            m = with_vertical_blocks(m, qb0, last_block_vertical_blocks(q, k, scale, cfg.vertical_gamma, cfg.block_size))
     else:
         m, qb0, _ = flexprefill_block_mask(q, k, scale, cfg.gamma, cfg.tau, cfg.min_budget, cfg.max_budget,
                                            cfg.block_size)

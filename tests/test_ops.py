@@ -114,7 +114,7 @@ def test_ops_defaults_are_the_configs():
                      ((ops.flexprefill_prefill, ops.flexprefill_selection), FlexPrefillConfig())):
         for fn in fns:
             params = inspect.signature(fn).parameters
-            for name in ("local_window", "dense_last_block", "block_size"):
+            for name in ("local_window", "dense_last_block", "block_size") + (("vertical_gamma",) if "vertical_gamma" in params else ()):
                 assert params[name].default == getattr(cfg, name), (fn.__name__, name)
 
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from sparse_llm.backends.block_sparse_common import BlockSparseBackend
 from sparse_llm.configs.sparse_more import XAttentionParams
-from sparse_llm.sparse.block_selection import selection_from_masks, with_dense_last_query_block, with_local_window
-from sparse_llm.sparse.xattention import check_geometry, xattention_block_mask
+from sparse_llm.sparse.block_selection import (
+    selection_from_masks,
+    with_dense_last_query_block,
+    with_local_window,
+    with_vertical_blocks,
+)
+from sparse_llm.sparse.xattention import check_geometry, last_block_vertical_blocks, xattention_block_mask
 
 
 class XAttentionTorchBackend(BlockSparseBackend):
@@ -33,6 +38,9 @@ class XAttentionTorchBackend(BlockSparseBackend):
             return None
         thr = p.threshold[0] if len(p.threshold) == 1 else list(p.threshold)
         mask, qb0 = xattention_block_mask(q, k, self.layer.scale, thr, p.stride, p.block_size, use_triton=self.use_triton)
+        if p.vertical_gamma > 0:
+            vertical = last_block_vertical_blocks(q, k, self.layer.scale, p.vertical_gamma, p.block_size)
+            mask = with_vertical_blocks(mask, qb0, vertical)
         mask = with_local_window(mask, qb0, p.local_window, p.block_size)
         if p.dense_last_block:
             mask = with_dense_last_query_block(mask)

@@ -32,6 +32,7 @@ class XAttentionParams(LayerSparseParams):
     dense_last_block: bool = False
     local_window: int = 0
     skipped_blocks: str = "drop"
+    vertical_gamma: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,14 @@ class XAttentionConfig(BaseSparseAttentionConfig):
     local_window: int = _LOCAL_WINDOW
     dense_layers: int = _DENSE_LAYERS_PREFILL
     skipped_blocks: Literal["drop", "mean"] = _SKIPPED_BLOCKS
+    vertical_gamma: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Not in the paper. Every query block also keeps, per head, the fewest key blocks holding this "
+        "fraction of the last block_size queries' true attention (an exact softmax of those rows: FlexPrefill's "
+        "vertical estimate at block level). The antidiagonal estimate pairs each query row with one key in `stride`, "
+        "so rows that attend a few particular tokens (a retrieved fact) are seen 1 time in `stride`; on SmolLM2 at 8K "
+        "such rows kept 8% of their attention (docs/algorithms.md, session 9). 0 = off.",
+    )
 
     @field_validator("threshold")
     @classmethod
@@ -341,7 +350,8 @@ def lower_more(cfg: BaseSparseAttentionConfig, num_heads: int) -> LayerSparsePar
             )
         return XAttentionParams("xattention", threshold=thr, stride=cfg.stride, block_size=cfg.block_size,
                                 seq_len_threshold=cfg.seq_len_threshold, dense_last_block=cfg.dense_last_block,
-                                local_window=cfg.local_window, skipped_blocks=cfg.skipped_blocks)
+                                local_window=cfg.local_window, skipped_blocks=cfg.skipped_blocks,
+                                vertical_gamma=cfg.vertical_gamma)
     if isinstance(cfg, FlexPrefillConfig):
         return FlexPrefillParams("flexprefill", gamma=cfg.gamma, tau=cfg.tau, min_budget=cfg.min_budget,
                                  max_budget=cfg.max_budget, block_size=cfg.block_size,

@@ -115,6 +115,15 @@ def with_dense_last_query_block(block_mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def with_vertical_blocks(block_mask: torch.Tensor, first_block: int, vertical: torch.Tensor) -> torch.Tensor:
+    """[B, H, nqb, nkb] block mask whose query blocks start at absolute block first_block, plus the key blocks
+    vertical [B, H, nkb] (bool) for every query block they are causal for."""
+    nqb, nkb = block_mask.shape[-2:]
+    dev = block_mask.device
+    causal = torch.arange(nkb, device=dev)[None, :] <= (first_block + torch.arange(nqb, device=dev))[:, None]
+    return block_mask | (vertical[:, :, None, :] & causal)
+
+
 def with_local_window(block_mask: torch.Tensor, first_block: int, window: int, block_size: int) -> torch.Tensor:
     """[B, H, nqb, nkb] block mask whose query blocks start at absolute block first_block -> also keep, for each
     query block m, the causal key blocks holding the `window` positions before its first row, so that every

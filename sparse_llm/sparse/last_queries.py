@@ -28,11 +28,11 @@ def diagonal_sums(a: torch.Tensor) -> torch.Tensor:
 
 
 def last_query_profiles(
-    q: torch.Tensor, k: torch.Tensor, scale: float, n: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, scale: float, n: int, with_slash: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Softmax of the last n queries of q [B, H, Sq, D] over k [B, Hkv, Sk, D] (queries = the last Sq
-    keys). Returns (vertical [B, H, Sk], slash [B, H, Sk], mean last query [B, H, D]), sums in float32
-    (float64 for float64 inputs)."""
+    keys). Returns (vertical [B, H, Sk], slash [B, H, Sk] or None without with_slash, mean last query
+    [B, H, D]), sums in float32 (float64 for float64 inputs)."""
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = h // hkv
@@ -42,7 +42,7 @@ def last_query_profiles(
     qpos = torch.arange(sk - n, sk, device=q.device)
     causal = torch.arange(sk, device=q.device)[None, :] <= qpos[:, None]  # [n, Sk]
     vertical = torch.empty(b, h, sk, dtype=cd, device=q.device)
-    slash = torch.empty(b, h, sk, dtype=cd, device=q.device)
+    slash = torch.empty(b, h, sk, dtype=cd, device=q.device) if with_slash else None
     kv_per = max(1, MAX_CHUNK_ELEMENTS // max(1, b * g * n * sk))
     for k0 in range(0, hkv, kv_per):
         k1 = min(hkv, k0 + kv_per)
@@ -51,7 +51,8 @@ def last_query_profiles(
         s = s.view(b, k1 - k0, g, n, sk).masked_fill(~causal, float("-inf"))
         a = torch.softmax(s, dim=-1).view(b, (k1 - k0) * g, n, sk)
         vertical[:, k0 * g:k1 * g] = a.sum(-2)
-        slash[:, k0 * g:k1 * g] = diagonal_sums(a)
+        if with_slash:
+            slash[:, k0 * g:k1 * g] = diagonal_sums(a)
     return vertical, slash, last.to(cd).mean(-2)
 
 
