@@ -136,9 +136,9 @@ def xattention_selection(
     block_size: int = 128,
     scale: float | None = None,
     implementation: str = "auto",
-    local_window: int = 0,
-    dense_last_block: bool = False,
-    vertical_gamma: float = 0.0,
+    local_window: int = 128,
+    dense_last_block: bool = True,
+    vertical_gamma: float = 0.99,
 ) -> BlockSelection:
     """XAttention's index lists for q [B, H, Sq, D] over k [B, Hkv, Sk, D] (see xattention_prefill)."""
     from sparse_llm.sparse.block_selection import with_vertical_blocks
@@ -147,9 +147,10 @@ def xattention_selection(
     if not 0 <= vertical_gamma <= 1:
         raise ValueError(f"xattention: vertical_gamma must be in [0, 1], got {vertical_gamma}")
     sc = _scale(scale, q.shape[-1])
-    mask, qb0 = xattention_block_mask(q, k, sc, threshold, stride, block_size, use_triton=_use_triton(implementation, q.device))
+    use_triton = _use_triton(implementation, q.device)
+    mask, qb0 = xattention_block_mask(q, k, sc, threshold, stride, block_size, use_triton=use_triton)
     if vertical_gamma > 0:
-        mask = with_vertical_blocks(mask, qb0, last_block_vertical_blocks(q, k, sc, vertical_gamma, block_size))
+        mask = with_vertical_blocks(mask, qb0, last_block_vertical_blocks(q, k, sc, vertical_gamma, block_size, use_triton))
     return selection_from_masks(_tiles_first(_widened(mask, qb0, local_window, dense_last_block, block_size)), block_size)
 
 
@@ -207,13 +208,14 @@ def xattention_prefill(
     block_size: int = 128,
     scale: float | None = None,
     implementation: str = "auto",
-    local_window: int = 0,
-    dense_last_block: bool = False,
-    vertical_gamma: float = 0.0,
+    local_window: int = 128,
+    dense_last_block: bool = True,
+    vertical_gamma: float = 0.99,
 ) -> tuple[torch.Tensor, float]:
     """XAttention: antidiagonal block scoring, blocks kept up to `threshold` of the estimated mass
     (a scalar or one value per query head); sink and diagonal blocks always kept. `local_window`,
-    `dense_last_block` and `vertical_gamma` as in XAttentionConfig (the defaults here are the config's)."""
+    `dense_last_block` and `vertical_gamma` as in XAttentionConfig (the defaults here are the config's; the
+    paper: 0 / False / 0)."""
     _check_qkv(q, k, v)
     sel = xattention_selection(q, k, threshold, stride, block_size, scale, implementation, local_window, dense_last_block,
                                vertical_gamma)

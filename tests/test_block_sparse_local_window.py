@@ -96,7 +96,7 @@ def test_local_window_every_row_sees_its_previous_keys(cls, params):
 @pytest.mark.parametrize("cls,params_cls,algo", [
     (XAttentionConfig, XAttentionParams, "xattention"), (FlexPrefillConfig, FlexPrefillParams, "flexprefill")])
 def test_local_window_config_lowers_and_validates(cls, params_cls, algo):
-    assert cls().local_window == (128 if algo == "flexprefill" else 0)  # FlexPrefill's default since session 6
+    assert cls().local_window == 128  # FlexPrefill's default since session 6, XAttention's since session 9
     lowered = lower_more(cls(local_window=256), 9)
     assert isinstance(lowered, params_cls) and lowered.local_window == 256
     assert lower_more(cls(local_window=0), 9).local_window == 0

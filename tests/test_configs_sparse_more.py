@@ -32,7 +32,8 @@ def test_yaml_bodies_parse_and_lower():
     union = TypeAdapter(XAttentionConfig | FlexPrefillConfig | VerticalSlashConfig | QuestConfig)
     cfg = union.validate_python(yaml.safe_load("{algorithm: xattention, threshold: [0.9, 0.8], stride: 16}"))
     assert isinstance(cfg, XAttentionConfig)
-    assert lower_more(cfg, num_heads=2) == XAttentionParams("xattention", threshold=(0.9, 0.8), stride=16, block_size=128)
+    assert lower_more(cfg, num_heads=2) == XAttentionParams("xattention", threshold=(0.9, 0.8), stride=16, block_size=128,
+                                                            local_window=128, dense_last_block=True, vertical_gamma=0.99)
     with pytest.raises(ValueError, match="one per query head \\(9\\)"):
         lower_more(cfg, num_heads=9)
     cfg = union.validate_python({"algorithm": "flexprefill"})
@@ -45,7 +46,7 @@ def test_yaml_bodies_parse_and_lower():
                                              minmax_cache_dtype="float8_e5m2")
     assert dense_layer_indices(cfg, list(range(30))) == {0, 1}
     assert dense_layer_indices(XAttentionConfig(), list(range(30))) == set()
-    for algo, params_cls, default in (("xattention", XAttentionParams, False), ("flexprefill", FlexPrefillParams, True)):
+    for algo, params_cls, default in (("xattention", XAttentionParams, True), ("flexprefill", FlexPrefillParams, True)):
         for value in (True, False):
             lowered = lower_more(union.validate_python({"algorithm": algo, "dense_last_block": value}), 9)
             assert isinstance(lowered, params_cls) and lowered.dense_last_block is value

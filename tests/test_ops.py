@@ -47,12 +47,13 @@ def block_keymask(mask, sq, sk, bs):
 @pytest.mark.parametrize("sq", [S, 37])
 def test_xattention_prefill(sq):
     q, k, v = inputs(1, sq)
-    out, sp = ops.xattention_prefill(q, k, v, threshold=0.8, stride=4, block_size=BS)
+    paper = dict(local_window=0, dense_last_block=False, vertical_gamma=0.0)
+    out, sp = ops.xattention_prefill(q, k, v, threshold=0.8, stride=4, block_size=BS, **paper)
     mask, _ = xattention_block_mask(q, k, D**-0.5, 0.8, 4, BS, use_triton=False)
     ref, ref_sp = masked_reference(q, k, v, block_keymask(mask, sq, S, BS))
     torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
     assert sp == pytest.approx(ref_sp, abs=1e-12) and 0 < sp < 1
-    out_t, sp_t = ops.xattention_prefill(q, k, v, threshold=0.8, stride=4, block_size=BS, implementation="triton")
+    out_t, sp_t = ops.xattention_prefill(q, k, v, threshold=0.8, stride=4, block_size=BS, implementation="triton", **paper)
     torch.testing.assert_close(out_t, out, rtol=3e-5, atol=3e-5)
     assert sp_t == pytest.approx(sp, abs=1e-12)
 
@@ -90,7 +91,7 @@ def test_local_window_and_dense_last_block(algorithm, sq):
     q, k, v = inputs(5, sq, sk=sk)
     window = 20  # reaches two blocks back for a block's first rows
     if algorithm == "xattention":
-        extra = dict(threshold=0.5, stride=4, block_size=BS)
+        extra = dict(threshold=0.5, stride=4, block_size=BS, vertical_gamma=0.0)
         mask, _ = xattention_block_mask(q, k, D**-0.5, 0.5, 4, BS, use_triton=False)
         fn = ops.xattention_prefill
     else:

@@ -22,22 +22,30 @@ H, HKV, D, PAGE = 6, 2, 16, 8
 LAYER = LayerSpec(layer_idx=1, num_heads=H, num_kv_heads=HKV, head_dim=D, scale=D**-0.5, module_name="model.layers.1.self_attn")
 
 
-def brute_vertical(q, k, scale, gamma, bs):
-    """float64, row by row: the last min(bs, Sq) queries' causal softmax, averaged over those rows, summed per key
-    block; per head the fewest blocks (by descending mass) whose mass exceeds gamma."""
+def brute_mass(q, k, scale, n, bs):
+    """float64, row by row: the last n queries' causal softmax, averaged over those rows, summed per key block."""
     b, h, sq, _ = q.shape
     sk, g = k.shape[2], h // k.shape[1]
-    n = min(bs, sq)
     nkb = -(-sk // bs)
-    out = torch.zeros(b, h, nkb, dtype=torch.bool)
+    mass = torch.zeros(b, h, nkb, dtype=torch.float64)
     for bi in range(b):
         for hi in range(h):
-            mass = torch.zeros(nkb, dtype=torch.float64)
             for r in range(sq - n, sq):
                 pos = sk - sq + r
                 p = torch.softmax(k[bi, hi // g, : pos + 1].double() @ q[bi, hi, r].double() * scale, 0)
-                for j in range(pos + 1):
-                    mass[j // bs] += p[j] / n
+                mass[bi, hi].index_add_(0, torch.arange(pos + 1) // bs, p / n)
+    return mass
+
+
+def brute_vertical(q, k, scale, gamma, bs):
+    """Per head the fewest key blocks (by descending brute_mass over the last min(bs, Sq) rows) whose mass exceeds gamma."""
+    b, h, sq, _ = q.shape
+    nkb = -(-k.shape[2] // bs)
+    masses = brute_mass(q, k, scale, min(bs, sq), bs)
+    out = torch.zeros(b, h, nkb, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            mass = masses[bi, hi]
             order = sorted(range(nkb), key=lambda j: -float(mass[j]))
             total = 0.0
             for j in order:
@@ -58,6 +66,37 @@ def test_last_block_vertical_blocks_match_a_row_by_row_reference(sq, sk, hkv, bs
     want = brute_vertical(q, k, D**-0.5, gamma, bs)
     assert torch.equal(got, want)
     assert 0 < int(got.sum()) < got.numel()  # neither empty nor everything: the test can fail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sq,sk,h,hkv,bs,d", [(77, 171, 6, 2, 16, 16), (9, 130, 4, 1, 32, 32), (64, 200, 8, 8, 64, 16),
+                                              (130, 131, 12, 4, 128, 64)])
+def test_last_rows_block_mass_kernel_matches_float64(sq, sk, h, hkv, bs, d, dtype):
+    from sparse_llm.kernels.last_rows_block_mass import last_rows_block_mass_triton
+
+    g = torch.Generator().manual_seed(sq * 7 + sk)
+    q = torch.randn(2, h, sq, d, generator=g)
+    k = torch.randn(2, hkv, sk, d, generator=g)
+    k[:, :, 5] *= 3
+    q, k = q.to(dtype), k.to(dtype)
+    n = min(bs, sq)
+    got = last_rows_block_mass_triton(q, k, d**-0.5, n, bs)
+    want = brute_mass(q, k, d**-0.5, n, bs)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.sum(-1).double(), torch.ones(2, h, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    # the strided views the backends pass ([1, H, S, D] transposed from [S, H, D]) give the same masses
+    qt = q[:1].transpose(1, 2).contiguous().transpose(1, 2)
+    kt = k[:1].transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(last_rows_block_mass_triton(qt, kt, d**-0.5, n, bs), got[:1])
+
+
+def test_last_rows_block_mass_rejects_what_it_cannot_run():
+    from sparse_llm.kernels.last_rows_block_mass import last_rows_block_mass_triton
+
+    q, k = torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16)
+    with pytest.raises(ValueError, match="n <= 128 and block_size in 16/32/64/128, got n=200, block_size=256"):
+        last_rows_block_mass_triton(q, k, 0.25, 200, 256)
 
 
 def test_with_vertical_blocks_adds_each_column_to_the_causal_query_blocks():
@@ -104,8 +143,9 @@ def test_ops_vertical_gamma_and_config():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 4, 150, D, generator=g), torch.randn(1, 2, 150, D, generator=g),
                torch.randn(1, 2, 150, D, generator=g))
-    _, sp0 = ops.xattention_prefill(q, k, v, threshold=0.5, stride=4, block_size=16)
-    _, sp1 = ops.xattention_prefill(q, k, v, threshold=0.5, stride=4, block_size=16, vertical_gamma=0.9)
+    paper = dict(threshold=0.5, stride=4, block_size=16, local_window=0, dense_last_block=False)
+    _, sp0 = ops.xattention_prefill(q, k, v, vertical_gamma=0.0, **paper)
+    _, sp1 = ops.xattention_prefill(q, k, v, vertical_gamma=0.9, **paper)
     assert sp1 < sp0
     with pytest.raises(ValueError, match="vertical_gamma must be in \\[0, 1\\], got 1.5"):
         ops.xattention_selection(q, k, vertical_gamma=1.5)

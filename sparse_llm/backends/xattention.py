@@ -39,7 +39,7 @@ class XAttentionTorchBackend(BlockSparseBackend):
         thr = p.threshold[0] if len(p.threshold) == 1 else list(p.threshold)
         mask, qb0 = xattention_block_mask(q, k, self.layer.scale, thr, p.stride, p.block_size, use_triton=self.use_triton)
         if p.vertical_gamma > 0:
-            vertical = last_block_vertical_blocks(q, k, self.layer.scale, p.vertical_gamma, p.block_size)
+            vertical = last_block_vertical_blocks(q, k, self.layer.scale, p.vertical_gamma, p.block_size, self.use_triton)
             mask = with_vertical_blocks(mask, qb0, vertical)
         mask = with_local_window(mask, qb0, p.local_window, p.block_size)
         if p.dense_last_block:

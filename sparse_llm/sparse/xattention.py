@@ -143,16 +143,23 @@ def xattention_block_mask(
     return select_blocks_by_mass(mass, qb0, thr), qb0
 
 
-def last_block_vertical_blocks(q: torch.Tensor, k: torch.Tensor, scale: float, gamma: float, block_size: int) -> torch.Tensor:
+def last_block_vertical_blocks(
+    q: torch.Tensor, k: torch.Tensor, scale: float, gamma: float, block_size: int, use_triton: bool | None = None
+) -> torch.Tensor:
     """Not in the paper: per head, the fewest key blocks that hold `gamma` of the last block_size queries' true
-    (softmax) attention, summed over those rows -> [B, H, nkb] bool. The antidiagonal estimate pairs each query
+    (softmax) attention, averaged over those rows -> [B, H, nkb] bool. The antidiagonal estimate pairs each query
     row with one key in `stride`, so a row that attends a few particular tokens is seen 1 time in `stride`; an
     exact look from the last rows finds such tokens when the prompt's end also reads them (FlexPrefill's
-    vertical estimate, at block level)."""
+    vertical estimate, at block level). CUDA tensors use the Triton kernel unless use_triton=False."""
     from sparse_llm.sparse.flexprefill import cover_count
     from sparse_llm.sparse.last_queries import block_pool, last_query_profiles, ranks_below
 
     n = min(block_size, q.shape[2])
-    vertical, _, _ = last_query_profiles(q, k, scale, n, with_slash=False)
-    blocks = block_pool(vertical / n, block_size)
+    if use_triton if use_triton is not None else q.is_cuda:
+        from sparse_llm.kernels.last_rows_block_mass import last_rows_block_mass_triton
+
+        blocks = last_rows_block_mass_triton(q, k, scale, n, block_size)
+    else:
+        vertical, _, _ = last_query_profiles(q, k, scale, n, with_slash=False)
+        blocks = block_pool(vertical / n, block_size)
     return ranks_below(blocks, cover_count(blocks, gamma))
